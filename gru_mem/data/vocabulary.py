@@ -48,6 +48,8 @@ following given please based only write short note notes format respond response
 special magic number value key number id code secret hidden what which who where is the of for
 none nothing found unknown about linked refers points belongs
 system user assistant you are helpful
+reading far if else holds any add added now enough using briefly
+numbers ids
 """.split())
 
 PUNCTUATION = ("<", ">", "</", "/", "{", "}", "\\", ".", ",", ":", ";", "?", "!", "'", '"',
