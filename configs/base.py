@@ -1,0 +1,89 @@
+"""Every config key with its default (the paper's values where the paper gives one).
+
+Experiment configs import this and override only what differs. On the command line:
+  python -m gru_mem.train --config configs/tiny.py --config.rl.alpha=0.5 --workdir runs/a05
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # seeds params init, data order and sampling
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # a gru_mem.model.config preset, used when hf_path is empty
+  c.model.hf_path = ""  # a local HF folder (config.json + safetensors) to start from
+  c.model.vocab_size = 0  # 0: preset's; the built-in tokenizer sets it to its size when larger
+  c.model.param_dtype = "float32"  # weights as stored (bfloat16 on TPU/GPU for 7B)
+  c.model.dtype = "float32"  # matmul dtype
+  c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
+  c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+
+  c.tokenizer = "builtin"  # "builtin" (synthetic tasks) or a local HF tokenizer folder
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "niah_single_1"  # a gru_mem.data task family for training prompts
+  c.data.train_tasks = ""  # comma-separated task families mixed round-robin (overrides task)
+  c.data.context_tokens = 2048  # document length in tokens for synthetic tasks
+  c.data.evidence_depth = 1.0  # evidence within the first fraction of the document (1 = anywhere)
+  c.data.hotpotqa_path = ""  # HotpotQA JSON (distractor format) for hotpotqa tasks
+  c.data.squad_path = ""  # SQuAD v2 JSON for squad tasks
+  c.data.essays_path = ""  # essay haystack text file (RULER's Paul Graham essays)
+  c.data.num_documents = 200  # HotpotQA/SQuAD documents per example
+
+  c.agent = ml_collections.ConfigDict()
+  c.agent.mode = "gru_mem"  # memagent | gru_mem | gru_mem_no_exit
+  c.agent.chunk_tokens = 5000  # tokens of document per memory turn (paper: 5000)
+  c.agent.memory_tokens = 1024  # memory cap in tokens (paper: 1024)
+  c.agent.max_response_tokens = 1536  # budget of one memory-turn response
+  c.agent.max_answer_tokens = 256  # budget of the answer turn
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.temperature = 1.0  # rollout temperature during RL
+  c.sampling.top_p = 1.0  # 1.0 disables nucleus filtering
+  c.sampling.top_k = 0  # 0 disables top-k filtering
+  c.sampling.eval_temperature = 0.0  # evaluation decodes greedily
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.group_size = 16  # G rollouts per prompt (paper: 16)
+  c.rl.prompts_per_step = 128  # prompts per RL step after dynamic sampling (paper: 128)
+  c.rl.alpha = 0.9  # A = alpha * A_traj + (1 - alpha) * A_turn (paper: 0.9; MemAgent: 1.0)
+  c.rl.normalize_advantage_std = False  # divide A_traj by the group std (GRPO) or not (paper)
+  c.rl.advantage_std_eps = 1e-6  # added to the std when dividing by it
+  c.rl.exit_early_penalty = -0.75  # r_exit when exiting before the last evidence chunk
+  c.rl.exit_late_penalty = -0.5  # r_exit when exiting after it
+  c.rl.outcome_reward_weight = 1.0  # weight of r_out in r_traj
+  c.rl.format_reward_weight = 1.0  # weight of r_fmt in r_traj
+  c.rl.exit_reward_weight = 1.0  # weight of r_exit in r_traj
+  c.rl.update_correct_reward = 1.0  # r_upd when the update gate matches the evidence flag
+  c.rl.update_wrong_reward = -1.0  # r_upd otherwise (an unparseable gate is wrong)
+  c.rl.answer_match = "exact"  # exact | sub_exact: how r_out compares answers (normalised)
+  c.rl.dynamic_sampling = True  # drop groups whose advantages are all zero and refill
+  c.rl.dynamic_sampling_atol = 1e-6  # |A| below this counts as zero
+  c.rl.max_refill_rounds = 4  # extra prompt draws per step to refill dropped groups
+  c.rl.clip_eps_low = 0.2  # rho lower clip 1 - eps_low (DAPO)
+  c.rl.clip_eps_high = 0.28  # rho upper clip 1 + eps_high (DAPO clip-higher)
+  c.rl.kl_beta = 0.001  # weight of the k3 KL to the frozen reference policy (0: no reference)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-6  # AdamW peak learning rate (paper: 1e-6)
+  c.optim.warmup_steps = 0  # linear warmup steps
+  c.optim.weight_decay = 0.01  # AdamW decoupled weight decay
+  c.optim.adam_b1 = 0.9  # AdamW beta1
+  c.optim.adam_b2 = 0.999  # AdamW beta2
+  c.optim.max_grad_norm = 1.0  # global gradient-norm clip
+  c.optim.micro_batch_rows = 8  # learner rows per micro-batch (gradient accumulation)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
+  c.mesh.fsdp = 1  # fully-sharded data-parallel axis size
+  c.mesh.tensor = 1  # tensor-parallel axis size
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100  # RL steps
+  c.train.save_every = 50  # checkpoint every N steps (and at the end)
+  c.train.keep_checkpoints = 3  # keep the last K checkpoints
+  c.train.log_every = 1  # metrics every N steps
+  c.train.dry_run = False  # abstract params + AOT compile on fake devices; allocates nothing
+  return c
