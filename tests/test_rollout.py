@@ -161,3 +161,42 @@ def test_bad_input_is_a_clear_error():
     RolloutSettings(mode="nope")
   with pytest.raises(ValueError, match="no examples"):
     rollout(None, None, None, [], jax.random.PRNGKey(0), RolloutSettings())
+
+
+@pytest.mark.parametrize("mode", ["memagent", "gru_mem", "gru_mem_no_exit"])
+def test_real_tiny_model_end_to_end(mode):
+  """A random tiny model through the real sampler: per-turn log-probs equal a teacher-forced pass."""
+  from gru_mem import sampling
+  from gru_mem.agent.rollout import sampler_policy
+  from gru_mem.data import synthetic
+  from gru_mem.model import transformer
+  from gru_mem.model.config import preset
+
+  tok = builtin_tokenizer()
+  config = preset("tiny", vocab_size=-(-tok.vocab_size // 64) * 64)
+  params = transformer.init_params(config, jax.random.PRNGKey(1))
+  examples = [AgentExample.from_example(synthetic.generate("niah_single_1", 160, tok, seed=s),
+                                        tok, chunk_tokens=48) for s in range(2)]
+  settings = RolloutSettings(mode=mode, memory_tokens=8, max_response_tokens=12,
+                             max_answer_tokens=6, samples_per_example=2)
+  policy = sampler_policy(config, params, sampling.SamplingSettings(
+      temperature=1.0, eos_id=tok.stop_ids, pad_id=tok.pad_id))
+  result = rollout(policy, PromptBuilder(tok, mode), tok, examples, jax.random.PRNGKey(2), settings)
+  assert len(result.trajectories) == 4
+  for trajectory in result.trajectories:
+    num_chunks = examples[trajectory.example_index].chunks.num_chunks
+    assert 1 <= trajectory.chunks_read <= num_chunks
+    if mode != "gru_mem":
+      assert trajectory.chunks_read == num_chunks
+    assert [t.chunk_index for t in trajectory.turns] == list(range(trajectory.chunks_read))
+    for turn in trajectory.turns + [trajectory.answer_turn]:
+      assert 1 <= len(turn.response_ids) <= (12 if turn.chunk_index >= 0 else 6)
+      assert turn.logprobs.shape == turn.response_ids.shape
+      assert turn.memory_length <= 8
+      tokens = np.concatenate([turn.prompt_ids, turn.response_ids])[None]
+      logits, _ = transformer.forward(config, params, tokens)
+      log_probs = jax.nn.log_softmax(logits[0, len(turn.prompt_ids) - 1:-1], axis=-1)
+      expected = np.take_along_axis(np.asarray(log_probs), turn.response_ids[:, None], 1)[:, 0]
+      np.testing.assert_allclose(turn.logprobs, expected, atol=1e-4)
+  steps = len(result.rows_generated_per_step)
+  assert steps == max(t.chunks_read for t in result.trajectories)
