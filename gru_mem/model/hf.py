@@ -219,18 +219,26 @@ def save_hf_checkpoint(config: ModelConfig, params, out_dir: str, tokenizer=None
       json.dump(gen, f, indent=2)
     if tokenizer is not None:
       tokenizer.save(staging)
-    if os.path.exists(out_dir):
-      backup = out_dir + ".old"
-      shutil.rmtree(backup, ignore_errors=True)
-      os.rename(out_dir, backup)
-      os.rename(staging, out_dir)
-      shutil.rmtree(backup)
-    else:
-      os.rename(staging, out_dir)
+    _swap_into_place(staging, out_dir)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return out_dir
+
+
+def _swap_into_place(staging: str, out_dir: str) -> None:
+  """Renames `staging` to `out_dir`; an existing `out_dir` is put back if the rename fails."""
+  if not os.path.exists(out_dir):
+    os.rename(staging, out_dir)
+    return
+  backup = staging + ".old"  # unique: staging's name came from mkdtemp
+  os.rename(out_dir, backup)
+  try:
+    os.rename(staging, out_dir)
+  except BaseException:
+    os.rename(backup, out_dir)
+    raise
+  shutil.rmtree(backup)
 
 
 def _write_shards(config: ModelConfig, params, out_dir: str, max_shard_bytes: int) -> None:
