@@ -57,17 +57,44 @@ def sampling_settings(config, tokenizer, temperature: Optional[float] = None
       top_p=s.top_p, top_k=s.top_k, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
 
 
+def unknown_keys(config, reference=None) -> list[str]:
+  """Dotted keys of `config` that configs/base.py does not define (typos in experiment files)."""
+  if reference is None:
+    from configs import base
+    reference = base.get_config()
+  unknown = []
+  for key, value in config.items():
+    if key not in reference:
+      unknown.append(key)
+    elif hasattr(value, "items") and hasattr(reference[key], "items"):
+      unknown += [f"{key}.{sub}" for sub in unknown_keys(value, reference[key])]
+  return unknown
+
+
 def validate(config) -> None:
-  """Bad settings fail here, before any model is built or compiled."""
-  if config.rl.group_size < 1 or config.rl.prompts_per_step < 1:
-    raise ValueError(f"rl.group_size={config.rl.group_size} and rl.prompts_per_step="
-                     f"{config.rl.prompts_per_step}: both must be >= 1")
+  """Bad settings fail here with what to fix, before any model is built or compiled."""
+  unknown = unknown_keys(config)
+  if unknown:
+    raise ValueError(f"config keys {unknown} are not defined in configs/base.py: check the "
+                     "spelling, or add the key there with its default and a comment")
+  if config.rl.group_size < 2:
+    raise ValueError(f"rl.group_size={config.rl.group_size}: must be >= 2 (advantages are "
+                     "relative to the group, a group of one never learns)")
+  if config.rl.prompts_per_step < 1:
+    raise ValueError(f"rl.prompts_per_step={config.rl.prompts_per_step}: must be >= 1")
   if not 0.0 <= config.rl.alpha <= 1.0:
-    raise ValueError(f"rl.alpha={config.rl.alpha}: must be in [0, 1]")
+    raise ValueError(f"rl.alpha={config.rl.alpha}: must be in [0, 1] (weight of A_traj)")
   if config.train.steps < 0 or config.train.save_every < 1:
     raise ValueError(f"train.steps={config.train.steps} must be >= 0 and train.save_every="
                      f"{config.train.save_every} >= 1")
   rollout_settings(config)  # checks the mode and budgets
+  learner_settings(config)  # checks the optimizer and loss settings
+  hf_path = config.model.hf_path
+  if hf_path and not os.path.isfile(os.path.join(hf_path, "config.json")):
+    raise FileNotFoundError(
+        f"model.hf_path={hf_path!r} has no config.json: download the HF model (e.g. "
+        "Qwen2.5-7B-Instruct) to a local folder and pass --config.model.hf_path=/that/folder")
+  parallel.mesh_from_config(config.mesh)  # the mesh must match the devices
   data_examples.check_data_config(config.data)
 
 
@@ -119,7 +146,11 @@ def collect_rows(config, policy, builder, tokenizer, stream: Iterator, rng: jax.
 
 
 def train(config, workdir: str) -> dict:
-  """Runs (or resumes) RL training in `workdir`; returns the last step's metrics."""
+  """Runs (or resumes) RL training in `workdir`; returns the last step's metrics.
+  With train.dry_run it only compiles on fake devices and returns the memory report."""
+  if config.train.dry_run:  # before anything starts a JAX backend or reads data
+    from gru_mem import dry_run
+    return dry_run.run(config, out_path=os.path.join(workdir, "dry_run.json"))
   validate(config)
   os.makedirs(workdir, exist_ok=True)
   tokenizer = runtime.build_tokenizer(config)
@@ -194,6 +225,8 @@ def main(argv):
   del argv
   from absl import flags, logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if not flags.FLAGS.config.train.dry_run:
+    parallel.initialize_distributed()  # multi-host (TPU pod, SLURM): before any other JAX call
   train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

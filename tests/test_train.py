@@ -1,30 +1,20 @@
-"""The RL training loop end to end on a tiny model: metrics, checkpoints, exact resume."""
+"""The RL training loop end to end on a tiny model: metrics, checkpoints, exact resume after a kill."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import pytest
 
-from configs import tiny
+from configs import smoke
 from gru_mem import checkpoint, train
 
-
-def small_config(steps):
-  c = tiny.get_config()
-  c.data.train_tasks = "niah_single_1"
-  c.data.context_tokens = 200
-  c.agent.chunk_tokens = 64
-  c.agent.memory_tokens = 16
-  c.agent.max_response_tokens = 24
-  c.agent.max_answer_tokens = 8
-  c.rl.group_size = 2
-  c.rl.prompts_per_step = 2
-  c.rl.dynamic_sampling = False  # a random model's groups are all zero-advantage: train anyway
-  c.optim.micro_batch_rows = 8
-  c.train.steps = steps
-  c.train.save_every = 1
-  return c
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def read_jsonl(path):
@@ -32,26 +22,94 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_train_writes_metrics_and_checkpoints_and_resumes_exactly(tmp_path):
+def start_training(workdir, steps):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+  return subprocess.Popen(
+      [sys.executable, "-m", "gru_mem.train", "--config", "configs/smoke.py", "--workdir", workdir,
+       f"--config.train.steps={steps}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+
+
+def test_train_writes_metrics_and_resumes_exactly_after_sigkill(tmp_path):
   straight = str(tmp_path / "straight")
-  metrics = train.train(small_config(3), straight)
-  for key in ("reward/trajectory", "gate/update_acc_evidence", "gate/exit_exact",
-              "agent/chunks_read", "learner/loss", "learner/kl", "learner/clip_fraction",
-              "learner/entropy", "time/step_s"):
+  metrics = train.train(smoke.get_config(), straight)
+  for key in ("reward/trajectory", "reward/update", "gate/update_acc_evidence", "gate/exit_exact",
+              "agent/chunks_read", "agent/memory_tokens", "learner/loss", "learner/kl",
+              "learner/clip_fraction", "learner/entropy", "time/step_s"):
     assert key in metrics, key
-  records = read_jsonl(os.path.join(straight, "metrics.jsonl"))
-  assert [r["step"] for r in records] == [1, 2, 3]
+  assert [r["step"] for r in read_jsonl(os.path.join(straight, "metrics.jsonl"))] == list(range(1, 7))
   assert os.listdir(os.path.join(straight, "tensorboard"))
   assert os.path.isfile(os.path.join(straight, "tokenizer", "tokenizer.json"))
 
-  resumed = str(tmp_path / "resumed")
-  train.train(small_config(2), resumed)
-  train.train(small_config(3), resumed)  # picks up at step 2
+  killed = str(tmp_path / "killed")
+  process = start_training(killed, 6)
+  deadline = time.time() + 600
+  while not os.path.isdir(os.path.join(killed, "checkpoints", "3")):
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() < deadline, "no checkpoint 3 within 10 minutes"
+    time.sleep(0.2)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  manager = checkpoint.CheckpointManager(killed, read_only=True)
+  assert 3 <= manager.latest_step() < 6
+  manager.close()
+
+  train.train(smoke.get_config(), killed)  # resumes from the latest complete checkpoint
   final_straight, _ = checkpoint.load_params_for_export(straight)
-  final_resumed, _ = checkpoint.load_params_for_export(resumed)
+  final_resumed, _ = checkpoint.load_params_for_export(killed)
   for a, b in zip(jax.tree.leaves(final_straight), jax.tree.leaves(final_resumed)):
     np.testing.assert_array_equal(a, b)
-  manager = checkpoint.CheckpointManager(resumed, read_only=True)
+  manager = checkpoint.CheckpointManager(killed, read_only=True)
   _, position, _ = manager.restore()
   manager.close()
-  assert position["examples_consumed"] == 3 * 2
+  assert position["examples_consumed"] == 6 * 2
+
+
+KILL_MID_SAVE = """
+import os, signal, numpy as np
+from gru_mem import checkpoint
+manager = checkpoint.CheckpointManager({workdir!r}, save_every=1)
+manager.save(1, {{"params": {{"w": np.ones(4, np.float32)}}}}, {{"examples_consumed": 1}}, wait=True)
+manager.save(2, {{"params": {{"w": np.zeros((4096, 4096), np.float32)}}}}, {{"examples_consumed": 2}})
+os.kill(os.getpid(), signal.SIGKILL)  # while step 2 is still being written
+"""
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
+  workdir = str(tmp_path / "run")
+  subprocess.run([sys.executable, "-c", KILL_MID_SAVE.format(workdir=workdir)], cwd=REPO,
+                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True)
+  manager = checkpoint.CheckpointManager(workdir, read_only=True)
+  assert manager.latest_step() == 1
+  state, position, _ = manager.restore()
+  manager.close()
+  np.testing.assert_array_equal(state["params"]["w"], np.ones(4, np.float32))
+  assert position == {"examples_consumed": 1}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.alpha=1.5", "rl.alpha=1.5: must be in [0, 1]"),
+    ("rl.group_size=1", "rl.group_size=1: must be >= 2"),
+    ("mesh.data=3", "mesh"),
+    ("agent.mode='nope'", "mode='nope'"),
+])
+def test_bad_config_fails_before_any_compile(tmp_path, override, message):
+  config = smoke.get_config()
+  key, value = override.split("=")
+  section, name = key.split(".")
+  config[section][name] = eval(value)
+  with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    train.validate(config)
+
+
+def test_unknown_config_key_is_named(tmp_path):
+  config = smoke.get_config()
+  config.rl.alhpa = 0.5
+  with pytest.raises(ValueError, match=r"\['rl.alhpa'\]"):
+    train.validate(config)
+  result = subprocess.run(
+      [sys.executable, "-m", "gru_mem.train", "--config", "configs/smoke.py", "--workdir",
+       str(tmp_path / "w"), "--config.rl.alhpa=0.5"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert result.returncode != 0 and "alhpa" in result.stderr
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
