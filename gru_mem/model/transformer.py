@@ -131,14 +131,10 @@ class Attention(nn.Module):
       new_cache_layer = None
     else:
       start = cache_meta["index"]
-      keys = jax.lax.dynamic_update_slice_in_dim(cache_layer["k"], k.astype(cache_layer["k"].dtype),
-                                                 start, axis=1)
-      values = jax.lax.dynamic_update_slice_in_dim(cache_layer["v"],
-                                                   v.astype(cache_layer["v"].dtype), start, axis=1)
+      keys, values, new_cache_layer = _write_cache(cache_layer, k, v, start)
       query_slot = start + jnp.arange(length)
       key_slot = jnp.arange(keys.shape[1])
       key_valid = cache_meta["valid"]
-      new_cache_layer = {"k": keys, "v": values}
 
     # visible[b, i, j]: key slot j is a real token at or before query i.
     visible = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
@@ -148,6 +144,29 @@ class Attention(nn.Module):
     out = Projection(cfg, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                      name="o_proj")(out, contract_dims=2)
     return out, new_cache_layer
+
+
+def _write_cache(cache_layer: Cache, k, v, start):
+  """Writes k, v [batch, length, kv_heads, head_dim] at slot `start`: (keys, values, new cache).
+
+  `cache_layer` is either one layer's {k, v} [batch, slots, ...] (scanned layers) or the whole
+  stacked cache {k, v} [layers, batch, slots, ...] plus this layer's index under "layer". The
+  second form updates the stacked buffer in place, so a decode step does not copy the cache.
+  """
+  if "layer" not in cache_layer:
+    keys = jax.lax.dynamic_update_slice_in_dim(cache_layer["k"], k.astype(cache_layer["k"].dtype),
+                                               start, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(cache_layer["v"],
+                                                 v.astype(cache_layer["v"].dtype), start, axis=1)
+    return keys, values, {"k": keys, "v": values}
+  layer = cache_layer["layer"]
+  zero = jnp.zeros((), jnp.int32)
+  at = (jnp.int32(layer), zero, jnp.asarray(start, jnp.int32), zero, zero)
+  all_keys = jax.lax.dynamic_update_slice(
+      cache_layer["k"], k[None].astype(cache_layer["k"].dtype), at)
+  all_values = jax.lax.dynamic_update_slice(
+      cache_layer["v"], v[None].astype(cache_layer["v"].dtype), at)
+  return all_keys[layer], all_values[layer], {"k": all_keys, "v": all_values}
 
 
 def grouped_query_attention(q, k, v, visible, queries_per_kv_head: int):
@@ -251,14 +270,13 @@ class Transformer(nn.Module):
       layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
       x, new_layer_caches = self.layers(x, layer_caches, positions, mask, cache_meta)
     else:
-      new_k, new_v = [], []
+      # Each layer writes its slots into the stacked cache in place (see `_write_cache`).
+      new_layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
       for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i]}
-        x, new_layer_cache = layer(x, layer_cache, positions, mask, cache_meta)
+        layer_cache = None if cache is None else {**new_layer_caches, "layer": i}
+        x, written = layer(x, layer_cache, positions, mask, cache_meta)
         if cache is not None:
-          new_k.append(new_layer_cache["k"])
-          new_v.append(new_layer_cache["v"])
-      new_layer_caches = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+          new_layer_caches = written
 
     new_cache = None
     if cache is not None:
