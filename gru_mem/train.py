@@ -195,6 +195,7 @@ def train(config, workdir: str) -> dict:
       out = collect_rows(config, policy, builder, tokenizer, stream, step_rng)
       data_position["examples_consumed"] += out.prompts_drawn
       metrics = dict(out.metrics)
+      learner_start = time.perf_counter()
       if out.rows:
         batch = learner.pack(out.rows, settings, pad_id=tokenizer.pad_id, mesh=mesh)
         if reference_params is not None:
@@ -205,6 +206,8 @@ def train(config, workdir: str) -> dict:
       else:
         metrics["learner/skipped"] = 1.0  # every group had zero advantage
       seconds = time.perf_counter() - step_start
+      metrics["time/learner_s"] = time.perf_counter() - learner_start  # device_get synchronised
+      metrics["time/host_s"] = seconds - metrics["time/learner_s"] - metrics["time/rollout_s"]
       metrics["time/step_s"] = seconds
       metrics["throughput/tokens_per_s"] = metrics.get("learner/tokens", 0.0) / seconds
       logger.log(step + 1, metrics, tokens=metrics.get("learner/tokens", 0.0))
