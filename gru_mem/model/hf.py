@@ -205,6 +205,9 @@ def save_hf_checkpoint(config: ModelConfig, params, out_dir: str, tokenizer=None
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700; an export is an ordinary folder
   try:
     _write_shards(config, params, staging, max_shard_bytes)
     eos = tokenizer.eos_id if tokenizer is not None else None
