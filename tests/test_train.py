@@ -64,6 +64,20 @@ def test_train_writes_metrics_and_resumes_exactly_after_sigkill(tmp_path):
   manager.close()
   assert position["examples_consumed"] == 6 * 2
 
+  # The trained checkpoint exports to a folder transformers loads with the same logits.
+  import torch
+  import transformers
+  from gru_mem import export_hf, runtime
+  from gru_mem.model import transformer
+  folder, step = export_hf.export(killed, str(tmp_path / "export"))
+  assert step == 6
+  model_config, params, _, _ = runtime.load_run(killed)
+  tokens = np.array([[3, 17, 256, 9, 1000, 44]])
+  ours, _ = transformer.forward(model_config, params, tokens)
+  with torch.no_grad():
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder)(torch.tensor(tokens)).logits
+  np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5)
+
 
 KILL_MID_SAVE = """
 import os, signal, numpy as np
