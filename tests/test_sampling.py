@@ -154,7 +154,7 @@ def test_stop_sequences_eos_and_limits_end_rows_where_a_hand_scan_does(hf_pair):
   stops = (tuple(rows[0][5:8]), tuple(rows[1][7:9]),
            (rows[2][3], rows[2][4], (rows[2][5] + 1) % config.vocab_size))  # last: a decoy
   eos_id = rows[3][9]
-  limits = [12, 12, 12, 12, 3, 12]
+  limits = [12, 12, 12, 12, 3, 0]
   stopped = generate(config, params, prompts, jax.random.PRNGKey(3),
                      SamplingSettings(stop_sequences=stops, eos_id=eos_id, **base),
                      max_new_tokens_per_row=limits)
@@ -167,7 +167,7 @@ def test_stop_sequences_eos_and_limits_end_rows_where_a_hand_scan_does(hf_pair):
     np.testing.assert_array_equal(stopped.logprobs[i, length:], 0.0)
     reasons.add(reason)
   assert reasons == {"stop", "eos", "length"}
-  assert stopped.lengths[0] <= 8 and stopped.lengths[4] <= 3
+  assert stopped.lengths[0] <= 8 and stopped.lengths[4] <= 3 and stopped.row(5) == []
 
 
 def test_greedy_row_does_not_depend_on_its_batch(hf_pair):
