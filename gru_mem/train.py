@@ -190,9 +190,11 @@ def train(config, workdir: str) -> dict:
   try:
     for step in range(start_step, config.train.steps):
       step_start = time.perf_counter()
-      policy = sampler_policy(model_config, state.params, sample_settings)
+      policy = sampler_policy(model_config, state.params, sample_settings,
+                              batch_sharding=parallel.batch_sharding(mesh))
       step_rng = jax.random.fold_in(rng, step)
-      out = collect_rows(config, policy, builder, tokenizer, stream, step_rng)
+      with parallel.activate(mesh):  # sampler rows split over data/fsdp, constraints applied
+        out = collect_rows(config, policy, builder, tokenizer, stream, step_rng)
       data_position["examples_consumed"] += out.prompts_drawn
       metrics = dict(out.metrics)
       learner_start = time.perf_counter()

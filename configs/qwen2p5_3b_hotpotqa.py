@@ -1,0 +1,21 @@
+r"""GRU-Mem RL on HotpotQA with Qwen2.5-3B-Instruct: the 7B experiment with the smaller model.
+
+  python -m gru_mem.dry_run --config configs/qwen2p5_3b_hotpotqa.py:tpu_v5p_64
+  python -m gru_mem.train --config configs/qwen2p5_3b_hotpotqa.py:h100x8 --workdir runs/3b \
+      --config.model.hf_path=/models/Qwen2.5-3B-Instruct \
+      --config.data.hotpotqa_path=/data/hotpot_train_v1.1.json
+
+Targets (h100x8, tpu_v5p_64), paper hyper-parameters and numerics as in qwen2p5_7b_hotpotqa.py.
+With 2 kv heads, tensor=4 keeps the k/v projections replicated over the tensor axis.
+"""
+
+from configs import qwen2p5_7b_hotpotqa
+
+MODEL_PLACEHOLDER = "/path/to/Qwen2.5-3B-Instruct"  # a local HF folder; set with --config.model.hf_path
+
+
+def get_config(arg: str = "h100x8"):
+  c = qwen2p5_7b_hotpotqa.get_config(arg)
+  c.model.preset = "qwen2.5-3b"
+  c.model.hf_path = MODEL_PLACEHOLDER
+  return c

@@ -1,0 +1,358 @@
+r"""Dry run: the config's model on the config's mesh, compiled ahead of time; nothing allocated.
+
+  python -m gru_mem.dry_run --config configs/qwen2p5_7b_hotpotqa.py:h100x8
+  python -m gru_mem.dry_run --config configs/qwen2p5_7b_hotpotqa.py:tpu_v5p_64 --out /tmp/7b.json
+  python -m gru_mem.train --config configs/qwen2p5_7b_hotpotqa.py:h100x8 --workdir runs/7b \
+      --config.train.dry_run=True      # the same, report saved as runs/7b/dry_run.json
+
+Parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s that carry their shardings
+(`parallel.param_shardings`, `optimizer_state_shardings`, the batch split over data/fsdp); the
+train step and the sampler's prefill are lowered and compiled for them, and the compiled
+executables' `memory_analysis()` gives the temporaries (activations, gradients) per device.
+
+Devices. The mesh is built from fake CPU devices, as many as the config's mesh has: a size of -1
+counts as 1 unless `--devices N` says how many devices the whole mesh has (e.g. `h100x8` is
+data=-1 x fsdp=8 -> 8 devices; `tpu_v5p_64` is data=-1 x fsdp=8 x tensor=4 -> 32 devices, the 32
+chips of a v5p-64 slice; `--devices 64` would model two such slices with data=2). In a fresh
+process this module asks JAX for that many CPU devices (`jax_num_cpu_devices`, CPU platform only)
+before any backend starts; in a process whose JAX already runs it uses the CPU devices it has
+and says so if they are too few.
+
+Model shape. From `model.hf_path/config.json` when that folder exists, else from
+`model.preset`, so no weights are needed. CPU figures are an estimate of an accelerator's: XLA's
+CPU backend fuses and buffers differently (it may keep bfloat16 intermediates in float32).
+
+Shapes lowered (compile time on CPU hardly depends on them, so the defaults are the real ones):
+learner micro-batch = optim.micro_batch_rows rows of the bucket of chunk + memory + question
+allowance + response tokens; sampler batch = the rollout batch (prompts x group) capped at the
+sampler's largest batch bucket, prompts of the bucket of chunk + memory + question allowance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gru_mem import parallel, sampling
+from gru_mem.model import hf, transformer
+from gru_mem.model.config import ModelConfig, from_hf_config, preset
+from gru_mem.rl import learner
+
+QUESTION_ALLOWANCE_TOKENS = 512  # question + prompt template around chunk and memory
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunShapes:
+  """What gets lowered: the learner's micro-batch and the sampler's prefill batch."""
+  rows: int  # learner rows per micro-batch
+  length: int  # learner prompt + response tokens (a length bucket)
+  response: int  # learner response tokens (a length bucket)
+  sampler_batch: int  # rows of one sampler call
+  sampler_prompt: int  # left-padded prompt tokens (a length bucket)
+  sampler_new_tokens: int  # decode budget = KV cache slots beyond the prompt
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def dry_run_model_config(config) -> tuple[ModelConfig, str]:
+  """(ModelConfig, where its shape came from): model.hf_path's config.json if the folder exists,
+  else model.preset (vocab from model.vocab_size when set). Dtypes, scan and remat from config."""
+  m = config.model
+  overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
+                   remat_policy=m.remat_policy)
+  if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
+    return from_hf_config(hf.read_hf_config(m.hf_path), **overrides), f"{m.hf_path}/config.json"
+  model_config = preset(m.preset, **overrides)
+  if m.vocab_size:
+    model_config = model_config.replace(vocab_size=m.vocab_size)
+  where = f"preset {m.preset!r}"
+  if m.hf_path:
+    where += f" (model.hf_path {m.hf_path!r} has no config.json)"
+  return model_config, where
+
+
+def mesh_device_count(mesh_config, devices: Optional[int] = None) -> int:
+  """Devices the dry-run mesh spans: `devices` if given, else the product of the mesh sizes with
+  -1 counted as 1."""
+  if devices:
+    return int(devices)
+  return math.prod(max(int(mesh_config.get(a, 1)), 1) for a in parallel.MESH_AXES)
+
+
+def fake_cpu_devices(count: int) -> list:
+  """`count` CPU devices. Before JAX starts a backend, asks for exactly that many (and the CPU
+  platform only); afterwards uses the CPU devices there are."""
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  if not xla_bridge.backends_are_initialized():
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+  devices = jax.devices("cpu")
+  if len(devices) < count:
+    raise RuntimeError(
+        f"the dry run needs {count} CPU devices but JAX already started with {len(devices)}: run "
+        "it in a fresh process (python -m gru_mem.dry_run --config ...), or start this one with "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={count}")
+  return devices[:count]
+
+
+def _length_bucket(tokens: int, buckets, what: str) -> int:
+  for bucket in buckets:
+    if bucket >= tokens:
+      return bucket
+  raise ValueError(f"{what} of {tokens} tokens exceeds the largest length bucket {buckets[-1]}")
+
+
+def default_shapes(config, settings: learner.LearnerSettings, mesh) -> DryRunShapes:
+  """The shapes a real step of `config` runs at (see the module docstring)."""
+  a = config.agent
+  prompt = a.chunk_tokens + a.memory_tokens + QUESTION_ALLOWANCE_TOKENS
+  response = max(a.max_response_tokens, a.max_answer_tokens)
+  shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
+  sampler_settings = sampling.SamplingSettings()
+  rollouts = config.rl.prompts_per_step * config.rl.group_size
+  batch = next((b for b in sampler_settings.batch_buckets if b >= rollouts),
+               sampler_settings.batch_buckets[-1])
+  return DryRunShapes(
+      rows=settings.micro_batch_rows,
+      length=_length_bucket(prompt + response, settings.length_buckets, "a learner row"),
+      response=_length_bucket(response, settings.length_buckets, "a response"),
+      sampler_batch=-(-batch // shards) * shards,
+      sampler_prompt=_length_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
+      sampler_new_tokens=a.max_response_tokens)
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def abstract_train_state(model_config: ModelConfig, settings: learner.LearnerSettings, mesh
+                         ) -> learner.TrainState:
+  """The TrainState as ShapeDtypeStructs with `learner.state_shardings`; allocates nothing."""
+  shardings = learner.state_shardings(model_config, settings, mesh)
+  params = nn.meta.unbox(transformer.abstract_params(model_config))
+  opt_state = jax.eval_shape(learner.make_optimizer(settings).init, params)
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  return _abstract(learner.TrainState(params, opt_state, step), shardings)
+
+
+def abstract_batch(shapes: DryRunShapes, mesh, with_ref: bool) -> learner.Batch:
+  """One micro-batch laid out as `learner.shard_batch` places it (rows over data/fsdp)."""
+  split = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+  rows, length, response = shapes.rows, shapes.length, shapes.response
+
+  def array(shape, dtype):
+    return jax.ShapeDtypeStruct((1, rows, *shape), dtype, sharding=split)
+
+  return learner.Batch(
+      tokens=array((length,), jnp.int32), input_mask=array((length,), jnp.bool_),
+      predict_positions=array((response,), jnp.int32),
+      response_tokens=array((response,), jnp.int32), response_mask=array((response,), jnp.bool_),
+      advantages=array((), jnp.float32), old_logprobs=array((response,), jnp.float32),
+      ref_logprobs=array((response,), jnp.float32) if with_ref else None,
+      num_rows=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays):
+  sum over leaves of prod(shard shape) * itemsize."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- compiles
+
+
+def _memory(compiled) -> dict:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  return {name: int(getattr(stats, f"{name}_size_in_bytes"))
+          for name in ("argument", "output", "alias", "temp")}
+
+
+def compile_train_step(model_config: ModelConfig, settings: learner.LearnerSettings, mesh,
+                       state: learner.TrainState, batch: learner.Batch):
+  """(compiled train step, seconds to lower + compile). The jit mirrors
+  `learner.make_train_step` (same function, donation and output shardings), traced under
+  `parallel.activate(mesh)` so the model's activation constraints are in the program."""
+  replicated = NamedSharding(mesh, P())
+  step = jax.jit(lambda s, b: learner._train_step(s, b, config=model_config,  # pylint: disable=protected-access
+                                                  settings=settings),
+                 donate_argnums=0,
+                 out_shardings=(learner.state_shardings(model_config, settings, mesh), replicated))
+  start = time.perf_counter()
+  with parallel.activate(mesh):
+    compiled = step.lower(state, batch).compile()
+  return compiled, time.perf_counter() - start
+
+
+def abstract_kv_cache(model_config: ModelConfig, shapes: DryRunShapes, mesh) -> dict:
+  """The sampler's KV cache k and v [layers, batch, slots, kv_heads, head_dim], sharded by the
+  model's logical axes (batch over data/fsdp, kv heads over tensor when they divide)."""
+  shape = (model_config.num_layers, shapes.sampler_batch,
+           shapes.sampler_prompt + shapes.sampler_new_tokens, model_config.num_kv_heads,
+           model_config.head_dim)
+  sharding = parallel.logical_sharding(("layers", "batch", "length", "kv_heads", "head_dim"),
+                                       shape, mesh)
+  leaf = jax.ShapeDtypeStruct(shape, model_config.jnp_dtype, sharding=sharding)
+  return {"k": leaf, "v": leaf}
+
+
+def compile_sampler_prefill(model_config: ModelConfig, params, shapes: DryRunShapes, mesh):
+  """(compiled prefill of `sampling.generate`, seconds): one batch of left-padded prompts,
+  split over data/fsdp, with the learner's parameter layout."""
+  spec = sampling._DecodeSpec(  # pylint: disable=protected-access
+      max_new_tokens=shapes.sampler_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+      stop_sequences=(), eos_ids=(0,), pad_id=0)
+  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+  replicated = NamedSharding(mesh, P())
+  batch, length = shapes.sampler_batch, shapes.sampler_prompt
+  args = (params,
+          jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows),
+          jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=rows),
+          jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+          jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
+          jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+  start = time.perf_counter()
+  with parallel.activate(mesh):
+    compiled = sampling._prefill_jit.lower(  # pylint: disable=protected-access
+        *args, config=model_config, spec=spec).compile()
+  return compiled, time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def run(config, devices: Optional[int] = None, shapes: Optional[dict] = None,
+        sampler: bool = True, out_path: Optional[str] = None, verbose: bool = True) -> dict:
+  """Builds the abstract state, compiles, prints the report and returns it as a dict (also
+  written as JSON to `out_path`). `shapes` overrides fields of `default_shapes`."""
+  from gru_mem import train  # pylint: disable=import-outside-toplevel  (train imports us lazily)
+  model_config, model_source = dry_run_model_config(config)
+  settings = train.learner_settings(config)
+  count = mesh_device_count(config.mesh, devices)
+  mesh = parallel.mesh_from_config(config.mesh, devices=fake_cpu_devices(count))
+  dims = dataclasses.replace(default_shapes(config, settings, mesh), **(shapes or {}))
+  settings = dataclasses.replace(settings, micro_batch_rows=dims.rows)
+
+  state = abstract_train_state(model_config, settings, mesh)
+  batch = abstract_batch(dims, mesh, with_ref=bool(settings.kl_beta))
+  params_bytes = bytes_per_device(state.params)
+  report: dict[str, Any] = {
+      "model_source": model_source, "model_config": dataclasses.asdict(model_config),
+      "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
+      "devices": f"{count} fake CPU devices", "shapes": dataclasses.asdict(dims),
+      "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+      "params_bytes_total": int(sum(x.size * np.dtype(x.dtype).itemsize
+                                    for x in jax.tree.leaves(state.params))),
+      "params_bytes_per_device": params_bytes,
+      "optimizer_bytes_per_device": bytes_per_device(state.opt_state),
+      "reference_bytes_per_device": params_bytes if settings.kl_beta else 0,
+      "batch_bytes_per_device": bytes_per_device(batch),
+  }
+  compiled, seconds = compile_train_step(model_config, settings, mesh, state, batch)
+  memory = _memory(compiled)
+  report["train_step_compile_s"] = round(seconds, 2)
+  report.update({f"train_step_{k}_bytes": v for k, v in memory.items()})
+  if memory:
+    report["learner_peak_bytes_per_device"] = (
+        memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+        + report["reference_bytes_per_device"])
+  if sampler:
+    report["kv_cache_bytes_per_device"] = bytes_per_device(abstract_kv_cache(model_config, dims,
+                                                                             mesh))
+    compiled, seconds = compile_sampler_prefill(model_config, state.params, dims, mesh)
+    memory = _memory(compiled)
+    report["sampler_prefill_compile_s"] = round(seconds, 2)
+    report.update({f"sampler_prefill_{k}_bytes": v for k, v in memory.items()})
+    if memory:  # the train state stays on the devices while the sampler runs
+      report["sampler_peak_bytes_per_device"] = (
+          params_bytes + report["optimizer_bytes_per_device"]
+          + report["reference_bytes_per_device"] + memory["output"] + memory["temp"])
+  report["environment"] = {"machine": platform.machine(), "python": platform.python_version(),
+                           "jax": jax.__version__, "flax": flax.__version__,
+                           "command": " ".join(sys.argv)}
+  if verbose:
+    print(format_report(report), flush=True)
+  if out_path:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+      json.dump(report, f, indent=2)
+  return report
+
+
+_BYTE_LINES = (
+    ("params_bytes_per_device", "parameters"),
+    ("optimizer_bytes_per_device", "optimizer state"),
+    ("reference_bytes_per_device", "reference policy (kl_beta > 0)"),
+    ("batch_bytes_per_device", "learner micro-batch"),
+    ("train_step_temp_bytes", "train step temporaries: activations, gradients"),
+    ("learner_peak_bytes_per_device", "learner peak (estimate)"),
+    ("kv_cache_bytes_per_device", "sampler KV cache"),
+    ("sampler_prefill_temp_bytes", "sampler prefill temporaries"),
+    ("sampler_peak_bytes_per_device", "sampler peak with the train state (estimate)"),
+)
+
+
+def format_report(report: dict) -> str:
+  """The report as text: one `key  bytes  (GiB)  what` line per figure."""
+  m, s = report["model_config"], report["shapes"]
+  mesh = " ".join(f"{axis}={size}" for axis, size in report["mesh"].items())
+  lines = [
+      f"dry run: model from {report['model_source']}: {m['num_layers']} layers, hidden "
+      f"{m['hidden_size']}, vocab {m['vocab_size']}; param_dtype {m['param_dtype']}, dtype "
+      f"{m['dtype']}, scan_layers {m['scan_layers']}, remat {m['remat_policy']}",
+      f"mesh: {mesh} on {report['devices']}",
+      f"learner micro-batch: {s['rows']} rows x {s['length']} tokens ({s['response']} response); "
+      f"sampler: {s['sampler_batch']} rows x {s['sampler_prompt']} prompt + "
+      f"{s['sampler_new_tokens']} new tokens",
+      f"num_params {report['num_params']}",
+      f"params_bytes_total {report['params_bytes_total']}",
+      "per device:",
+  ]
+  for key, what in _BYTE_LINES:
+    if key in report:
+      lines.append(f"  {key:<32} {report[key]:>15}  {report[key] / GIB:8.2f} GiB  {what}")
+  compiles = [f"{k[:-len('_compile_s')]} {report[k]:.1f} s" for k in
+              ("train_step_compile_s", "sampler_prefill_compile_s") if k in report]
+  lines.append("lower + compile: " + ", ".join(compiles))
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  overrides = {name: getattr(f, name) for name in ("rows", "length", "response", "sampler_batch",
+                                                   "sampler_prompt", "sampler_new_tokens")
+               if getattr(f, name)}
+  run(f.config, devices=f.devices, shapes=overrides, sampler=f.sampler, out_path=f.out)
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=ungrouped-imports
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/base.py", "experiment config file")
+  flags.DEFINE_integer("devices", 0, "devices of the whole mesh (0: the config's sizes, -1 as 1)")
+  for _name in ("rows", "length", "response", "sampler_batch", "sampler_prompt",
+                "sampler_new_tokens"):
+    flags.DEFINE_integer(_name, 0, f"override the lowered {_name} (0: from the config)")
+  flags.DEFINE_bool("sampler", True, "also compile the sampler's prefill")
+  flags.DEFINE_string("out", None, "write the report as JSON here")
+  app.run(main)

@@ -1,0 +1,192 @@
+"""Dry run: its figures against hand computations and the compiler's own argument count, the
+7B / 3B paper configs on fake CPU devices, and where the model shape comes from.
+
+Dry runs go in subprocesses (fresh JAX with 8 or 32 fake CPU devices); this process keeps one.
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import qwen2p5_3b_hotpotqa, qwen2p5_7b_hotpotqa, tiny
+from gru_mem import dry_run, train
+from gru_mem.model import config as model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2 ** 30
+
+
+def run_module(args, timeout=600):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return result.stdout
+
+
+def printed(stdout, key):
+  """The integer printed on the report line of `key`."""
+  match = re.search(rf"^\s*{key}\s+(\d+)\b", stdout, re.MULTILINE)
+  assert match, (key, stdout)
+  return int(match.group(1))
+
+
+def check_against_compiler(report):
+  """The train step's arguments are exactly the state and batch shards we counted."""
+  assert report["train_step_argument_bytes"] == (
+      report["params_bytes_per_device"] + report["optimizer_bytes_per_device"]
+      + report["batch_bytes_per_device"] + 4)  # + the int32 step counter
+  assert report["train_step_alias_bytes"] >= report["params_bytes_per_device"]  # donated state
+  assert report["train_step_temp_bytes"] > 0
+
+
+def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
+  """configs/tiny.py on a 2x2x2 mesh via `gru_mem.train --config.train.dry_run=True`."""
+  workdir = tmp_path / "run"
+  stdout = run_module(["gru_mem.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
+                       "--config.train.dry_run=True", "--config.mesh.data=2",
+                       "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+  report = json.loads((workdir / "dry_run.json").read_text())
+  assert sorted(os.listdir(workdir)) == ["dry_run.json"]  # nothing trained, nothing saved
+
+  config = model_config.preset("tiny")
+  h, mlp, vocab, layers = config.hidden_size, config.intermediate_size, config.vocab_size, 2
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  # Kernels and the embedding have an embed dim (fsdp=2) and a heads/mlp/vocab dim (tensor=2):
+  # split 4 ways. q/k/v biases have only heads (tensor): split 2 ways. Norms are replicated.
+  matrices = layers * (h * q + 2 * h * kv + q * h + 3 * h * mlp) + vocab * h
+  biases = layers * (q + 2 * kv)
+  norms = layers * 2 * h + h
+  assert matrices + biases + norms == config.num_params() == report["num_params"]
+  params_per_device = 4 * (matrices // 4 + biases // 2 + norms)  # float32
+  assert report["params_bytes_per_device"] == params_per_device
+  assert printed(stdout, "params_bytes_per_device") == params_per_device
+  assert printed(stdout, "num_params") == config.num_params()
+  # AdamW keeps mu and nu like the params, plus a few replicated int32 counts.
+  assert 0 <= report["optimizer_bytes_per_device"] - 2 * params_per_device <= 16
+  assert report["reference_bytes_per_device"] == 0  # tiny.py: kl_beta = 0
+  check_against_compiler(report)
+
+  # Sampler: 4 prompts x 4 samples = 16 rows over data*fsdp = 4; prompt bucket of
+  # chunk 64 + memory 48 + 512 question allowance = 1024; 96 new tokens; kv heads over tensor.
+  assert report["shapes"]["sampler_batch"] == 16 and report["shapes"]["sampler_prompt"] == 1024
+  kv_cache = 2 * layers * (16 // 4) * (1024 + 96) * (config.num_kv_heads // 2) * config.head_dim * 4
+  assert report["kv_cache_bytes_per_device"] == kv_cache
+  assert printed(stdout, "kv_cache_bytes_per_device") == kv_cache
+  assert report["sampler_prefill_output_bytes"] >= kv_cache  # the prefill returns the cache
+  assert "lower + compile: train_step" in stdout
+
+
+def seven_b_per_device_params(mesh_fsdp):
+  """Qwen2.5-7B on fsdp only: every kernel and both embeddings split over fsdp (3584 divides
+  by 8), biases and norms replicated."""
+  c = model_config.preset("qwen2.5-7b")
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  vectors = c.num_layers * (q + 2 * kv + 2 * c.hidden_size) + c.hidden_size
+  return c.num_params(), 4 * ((c.num_params() - vectors) // mesh_fsdp + vectors)
+
+
+def test_7b_h100x8_dry_run_fits_an_h100(tmp_path):
+  out = tmp_path / "7b.json"
+  stdout = run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
+                       "--nosampler", "--out", str(out)])
+  report = json.loads(out.read_text())
+  num_params, params_per_device = seven_b_per_device_params(8)
+  assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert report["devices"] == "8 fake CPU devices"
+  assert "preset 'qwen2.5-7b'" in report["model_source"]  # the placeholder folder does not exist
+  assert report["num_params"] == num_params == 7_615_616_512
+  assert report["params_bytes_per_device"] == params_per_device
+  assert printed(stdout, "params_bytes_per_device") == params_per_device
+  assert report["reference_bytes_per_device"] == params_per_device  # kl_beta = 0.001
+  assert report["shapes"]["length"] == 8192 and report["shapes"]["response"] == 2048
+  check_against_compiler(report)
+  # The paper's learner micro-batch fits in an H100's 80 GB (CPU estimate).
+  assert report["learner_peak_bytes_per_device"] < 80e9
+  assert report["train_step_compile_s"] < 240
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_arg,devices", [("qwen2p5_7b_hotpotqa.py:tpu_v5p_64", 32),
+                                                ("qwen2p5_3b_hotpotqa.py:h100x8", 8),
+                                                ("qwen2p5_3b_hotpotqa.py:tpu_v5p_64", 32)])
+def test_paper_config_dry_runs(tmp_path, config_arg, devices):
+  out = tmp_path / "report.json"
+  stdout = run_module(["gru_mem.dry_run", "--config", f"configs/{config_arg}", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["devices"] == f"{devices} fake CPU devices"
+  assert math.prod(report["mesh"].values()) == devices
+  preset = "qwen2.5-7b" if "7b" in config_arg else "qwen2.5-3b"
+  assert report["num_params"] == model_config.preset(preset).num_params()
+  check_against_compiler(report)
+  assert report["kv_cache_bytes_per_device"] > 0 and "sampler_prefill_compile_s" in report
+  assert "learner_peak_bytes_per_device" in stdout
+
+
+def test_model_shape_from_hf_config_json_or_preset(tmp_path):
+  c = tiny.get_config()
+  c.model.preset = "qwen2.5-0.5b"
+  c.model.hf_path = str(tmp_path / "missing")
+  shape, source = dry_run.dry_run_model_config(c)
+  assert shape.num_layers == 24 and "has no config.json" in source
+  folder = tmp_path / "model"
+  folder.mkdir()
+  hf = model_config.to_hf_config(model_config.preset("qwen2.5-0.5b", num_layers=3))
+  (folder / "config.json").write_text(json.dumps(hf))
+  c.model.hf_path = str(folder)
+  c.model.scan_layers = True
+  shape, source = dry_run.dry_run_model_config(c)
+  assert shape.num_layers == 3 and shape.scan_layers and source.endswith("config.json")
+
+
+def test_too_few_devices_in_a_started_process_is_a_clear_error():
+  have = len(jax.devices("cpu"))  # this process's JAX is running now
+  with pytest.raises(RuntimeError, match="fresh process"):
+    dry_run.fake_cpu_devices(have + 7)
+  assert dry_run.mesh_device_count({"data": -1, "fsdp": 8, "tensor": 4}) == 32
+  assert dry_run.mesh_device_count({"data": -1, "fsdp": 8, "tensor": 4}, devices=64) == 64
+
+
+@pytest.mark.parametrize("module", [qwen2p5_7b_hotpotqa, qwen2p5_3b_hotpotqa])
+def test_paper_configs(module):
+  for arg, mesh in (("h100x8", (-1, 8, 1)), ("tpu_v5p_64", (-1, 8, 4))):
+    c = module.get_config(arg)
+    assert (c.mesh.data, c.mesh.fsdp, c.mesh.tensor) == mesh
+    assert (c.agent.chunk_tokens, c.agent.memory_tokens) == (5000, 1024)
+    assert (c.rl.group_size, c.rl.prompts_per_step, c.rl.alpha, c.rl.kl_beta) == (16, 128, 0.9,
+                                                                                   0.001)
+    assert (c.rl.clip_eps_low, c.rl.clip_eps_high, c.optim.learning_rate) == (0.2, 0.28, 1e-6)
+    assert c.model.scan_layers and c.model.remat_policy == "full"
+    assert (c.model.param_dtype, c.model.dtype) == ("float32", "bfloat16")
+    assert c.optim.micro_batch_rows % (c.mesh.fsdp * max(c.mesh.data, 1)) == 0
+    assert not train.unknown_keys(c)  # only keys configs/base.py defines
+  with pytest.raises(ValueError, match="unknown target"):
+    module.get_config("v4-8")
+
+
+def test_placeholder_paths_fail_validation_clearly(tmp_path):
+  c = qwen2p5_7b_hotpotqa.get_config("h100x8")
+  with pytest.raises(FileNotFoundError, match="model.hf_path='/path/to/Qwen2.5-7B-Instruct'"):
+    train.validate(c)
+  folder = tmp_path / "qwen"
+  folder.mkdir()
+  (folder / "config.json").write_text("{}")
+  c.model.hf_path = str(folder)
+  c.mesh.fsdp = 1  # this process has one device
+  with pytest.raises(FileNotFoundError, match="hotpotqa_path"):
+    train.validate(c)
+
+
+def test_bfloat16_weights_would_not_move_at_the_papers_learning_rate():
+  """Why the paper configs keep float32 master weights (see their docstring)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  weights = jnp.array([0.02, -0.05, 0.01], jnp.bfloat16)
+  assert bool(jnp.all(weights + jnp.bfloat16(1e-6) == weights))
+  assert not bool(jnp.all(weights.astype(jnp.float32) + 1e-6 == weights.astype(jnp.float32)))
