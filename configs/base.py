@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # matmul dtype
   c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
   c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  c.model.init_workdir = ""  # a run folder (e.g. the SFT stage's) whose latest params start RL
 
   c.tokenizer = "builtin"  # "builtin" (synthetic tasks) or a local HF tokenizer folder
 
@@ -44,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.top_p = 1.0  # 1.0 disables nucleus filtering
   c.sampling.top_k = 0  # 0 disables top-k filtering
   c.sampling.eval_temperature = 0.0  # evaluation decodes greedily
+  c.sampling.prefill_chunk_tokens = 2048  # prefill long prompts this many tokens at a time
 
   c.rl = ml_collections.ConfigDict()
   c.rl.group_size = 16  # G rollouts per prompt (paper: 16)
@@ -79,6 +81,38 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
   c.mesh.fsdp = 1  # fully-sharded data-parallel axis size
   c.mesh.tensor = 1  # tensor-parallel axis size
+
+  c.sft = ml_collections.ConfigDict()  # stage 1 of the default job (gru_mem.sft)
+  c.sft.steps = 0  # supervised steps on scripted trajectories (0: no SFT stage)
+  c.sft.examples_per_step = 4  # scripted trajectories per step (all their turns are rows)
+  c.sft.micro_batch_rows = 64  # rows per micro-batch (gradient accumulation)
+  c.sft.learning_rate = 1e-3  # AdamW peak learning rate, cosine-decayed over the steps
+  c.sft.final_lr_fraction = 0.1  # the cosine ends at this fraction of the peak
+  c.sft.warmup_steps = 20  # linear warmup steps
+  c.sft.weight_decay = 0.0  # AdamW decoupled weight decay
+  c.sft.update_noise = 0.15  # P(a scripted update gate is flipped), wherever the evidence is
+  c.sft.exit_noise = 0.08  # P(a scripted turn says end), wherever the evidence is
+  c.sft.memagent_fraction = 0.5  # share of trajectories in MemAgent format (the baseline)
+  c.sft.keep_empty_turns = 1.0  # P(keeping a turn with nothing to copy: no evidence yet)
+  c.sft.seed = 1  # data seed of the scripted examples (RL uses `seed`: disjoint examples)
+  c.sft.save_every = 100  # checkpoint every N steps (and at the end)
+  c.sft.log_every = 10  # average and log metrics every N steps
+
+  c.eval = ml_collections.ConfigDict()  # gru_mem.evaluate (stage 3 of the default job)
+  c.eval.tasks = "niah_single_1"  # comma-separated task families (synthetic, hotpotqa, squad)
+  c.eval.lengths = "8192"  # comma-separated document + question lengths in tokens
+  c.eval.evidence_depths = "1.0"  # comma-separated: evidence within this leading fraction
+  c.eval.modes = "memagent,gru_mem_no_exit,gru_mem"  # modes of the evaluated model
+  c.eval.baseline_modes = "memagent"  # modes of --baseline_workdir's model (the stage-1 model)
+  c.eval.examples = 32  # held-out examples per (task, length, depth)
+  c.eval.batch_size = 16  # examples per rollout batch
+  c.eval.seed = 7  # held-out data seed (training uses `seed` and `sft.seed`)
+  c.eval.min_update_acc = 0.95  # check: update-gate accuracy on evidence / non-evidence chunks
+  c.eval.min_exit_exact = 0.8  # check: share of exits exactly at the last evidence chunk
+  c.eval.max_accuracy_drop = 0.02  # check: GRU-Mem accuracy at most this below MemAgent's
+  c.eval.min_speedup = 3.0  # check: MemAgent time / GRU-Mem time with early evidence
+  c.eval.speed_depth = 0.2  # the speed check's cells: evidence within this fraction ...
+  c.eval.speed_min_chunks = 32  # ... of documents of at least this many chunks
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100  # RL steps

@@ -60,8 +60,11 @@ class SamplingSettings:
   pad_id: int = 0
   length_buckets: tuple[int, ...] = _DEFAULT_LENGTH_BUCKETS
   batch_buckets: tuple[int, ...] = _DEFAULT_BATCH_BUCKETS
+  prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled chunk by chunk
 
   def __post_init__(self):
+    if self.prefill_chunk_tokens < 1:
+      raise ValueError(f"prefill_chunk_tokens={self.prefill_chunk_tokens}: must be >= 1")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
     if not self.temperature >= 0:
@@ -101,6 +104,7 @@ class _DecodeSpec:
   stop_sequences: tuple[tuple[int, ...], ...]
   eos_ids: tuple[int, ...]
   pad_id: int
+  prefill_chunk_tokens: int = 2048
 
 
 @dataclasses.dataclass
@@ -206,10 +210,10 @@ def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config
   TRACE_COUNTS["prefill"] += 1
   batch, length = prompt_tokens.shape
   cache = init_cache(config, batch, length + spec.max_new_tokens)
-  hidden, cache = forward(config, params, prompt_tokens, positions_from_mask(prompt_mask),
-                          prompt_mask, cache, return_hidden=True)
+  last_hidden, cache = _chunked_prefill(config, params, prompt_tokens, prompt_mask, cache,
+                                        spec.prefill_chunk_tokens)
   # Left padding puts every row's last real token in the last column: only it needs logits.
-  logits = Transformer(config).apply({"params": params}, hidden[:, -1:],
+  logits = Transformer(config).apply({"params": params}, last_hidden[:, None],
                                      method=Transformer.logits)[:, 0]
   longest_stop = max([len(s) for s in spec.stop_sequences], default=1)
   state = {
@@ -225,6 +229,31 @@ def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config
       "step": jnp.zeros((), jnp.int32),
   }
   return _record(state, logits, spec)
+
+
+def _chunked_prefill(config: ModelConfig, params, tokens, mask, cache, chunk_tokens: int):
+  """Feeds the prompts [B, L] into the cache `chunk_tokens` columns at a time (a lax.scan).
+
+  Attention scores then take [B, heads, chunk, capacity] instead of [B, heads, L, L]: what keeps
+  a 8k-token prefill of a 7B model within device memory. Returns (hidden of the last column, cache).
+  """
+  batch, length = tokens.shape
+  positions = positions_from_mask(mask)
+  if length <= chunk_tokens or length % chunk_tokens:
+    hidden, cache = forward(config, params, tokens, positions, mask, cache, return_hidden=True)
+    return hidden[:, -1], cache
+
+  def split(x):  # [B, L] -> [chunks, B, chunk]
+    return x.reshape(batch, length // chunk_tokens, chunk_tokens).swapaxes(0, 1)
+
+  def one_chunk(cache, chunk):
+    chunk_tokens_, chunk_positions, chunk_mask = chunk
+    hidden, cache = forward(config, params, chunk_tokens_, chunk_positions, chunk_mask, cache,
+                            return_hidden=True)
+    return cache, hidden[:, -1]
+
+  cache, last_hiddens = jax.lax.scan(one_chunk, cache, (split(tokens), split(positions), split(mask)))
+  return last_hiddens[-1], cache
 
 
 def _decode(params, state, *, config: ModelConfig, spec: _DecodeSpec):
@@ -320,7 +349,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     rng = jax.random.PRNGKey(rng)
   spec = _DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
                      int(settings.top_k), settings.stop_sequences, settings.eos_ids,
-                     int(settings.pad_id))
+                     int(settings.pad_id), int(settings.prefill_chunk_tokens))
   shards = _batch_shards(batch_sharding)
   largest_batch = _bucket(settings.batch_buckets[-1], settings.batch_buckets, shards)
   finals = []
