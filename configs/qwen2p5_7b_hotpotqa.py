@@ -63,6 +63,9 @@ def get_config(arg: str = "h100x8"):
   c.rl.clip_eps_high = 0.28
 
   c.optim.learning_rate = 1e-6
+  # Sampler memory per device ~ rows/device x heads x prefill chunk x (prompt + new) x 4 bytes.
+  c.sampling.max_batch_rows = 64
+  c.sampling.prefill_chunk_tokens = 512
   c.optim.micro_batch_rows = target["micro_batch_rows"]
 
   for axis, size in target["mesh"].items():

@@ -64,6 +64,7 @@ class DryRunShapes:
   sampler_batch: int  # rows of one sampler call
   sampler_prompt: int  # left-padded prompt tokens (a length bucket)
   sampler_new_tokens: int  # decode budget = KV cache slots beyond the prompt
+  sampler_prefill_chunk: int = 2048  # prompt tokens prefilled per pass (sampling.prefill_chunk_tokens)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -124,7 +125,7 @@ def default_shapes(config, settings: learner.LearnerSettings, mesh) -> DryRunSha
   response = max(a.max_response_tokens, a.max_answer_tokens)
   shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
   sampler_settings = sampling.SamplingSettings()
-  rollouts = config.rl.prompts_per_step * config.rl.group_size
+  rollouts = min(config.rl.prompts_per_step * config.rl.group_size, config.sampling.max_batch_rows)
   batch = next((b for b in sampler_settings.batch_buckets if b >= rollouts),
                sampler_settings.batch_buckets[-1])
   return DryRunShapes(
@@ -133,7 +134,8 @@ def default_shapes(config, settings: learner.LearnerSettings, mesh) -> DryRunSha
       response=_length_bucket(response, settings.length_buckets, "a response"),
       sampler_batch=-(-batch // shards) * shards,
       sampler_prompt=_length_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
-      sampler_new_tokens=a.max_response_tokens)
+      sampler_new_tokens=a.max_response_tokens,
+      sampler_prefill_chunk=config.sampling.prefill_chunk_tokens)
 
 
 def _abstract(tree, shardings):
@@ -219,7 +221,7 @@ def compile_sampler_prefill(model_config: ModelConfig, params, shapes: DryRunSha
   split over data/fsdp, with the learner's parameter layout."""
   spec = sampling._DecodeSpec(  # pylint: disable=protected-access
       max_new_tokens=shapes.sampler_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-      stop_sequences=(), eos_ids=(0,), pad_id=0)
+      stop_sequences=(), eos_ids=(0,), pad_id=0, prefill_chunk_tokens=shapes.sampler_prefill_chunk)
   rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
   replicated = NamedSharding(mesh, P())
   batch, length = shapes.sampler_batch, shapes.sampler_prompt
