@@ -86,10 +86,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict()  # stage 1 of the default job (gru_mem.sft)
   c.sft.steps = 0  # supervised steps on scripted trajectories (0: no SFT stage)
   c.sft.examples_per_step = 4  # scripted trajectories per step (all their turns are rows)
+  c.sft.copy_steps = 0  # first steps: copy warm-up (response = prompt) instead of trajectories
+  c.sft.copy_rows = 32  # rows per copy warm-up step
+  c.sft.copy_tokens = 48  # longest random prompt of the copy warm-up
   c.sft.micro_batch_rows = 64  # rows per micro-batch (gradient accumulation)
   c.sft.learning_rate = 1e-3  # AdamW peak learning rate, cosine-decayed over the steps
   c.sft.final_lr_fraction = 0.1  # the cosine ends at this fraction of the peak
   c.sft.warmup_steps = 20  # linear warmup steps
+  c.sft.init = "model"  # random init of a preset: model (std 0.02) | fan_in (1/sqrt(fan_in))
   c.sft.weight_decay = 0.0  # AdamW decoupled weight decay
   c.sft.update_noise = 0.15  # P(a scripted update gate is flipped), wherever the evidence is
   c.sft.exit_noise = 0.08  # P(a scripted turn says end), wherever the evidence is

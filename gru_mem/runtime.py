@@ -45,12 +45,31 @@ def model_config_from(config, tokenizer: Tokenizer) -> ModelConfig:
 
 
 def initial_params(config, model_config: ModelConfig, rng: jax.Array) -> Any:
-  """Params from `config.model.hf_path`, or random ones for a preset."""
+  """Params from `config.model.init_workdir` (a run's latest checkpoint, e.g. the SFT stage),
+  `config.model.hf_path`, or random ones for a preset."""
+  if config.model.get("init_workdir"):
+    return params_from_run(config.model.init_workdir, model_config)
   if config.model.hf_path:
     _, params = hf.load_hf_checkpoint(config.model.hf_path, dtype=model_config.param_dtype,
                                       scan_layers=model_config.scan_layers)
     return params
   return transformer.init_params(model_config, rng)
+
+
+def params_from_run(workdir: str, model_config: ModelConfig) -> Any:
+  """The latest params of the run in `workdir`; they must have `model_config`'s shapes."""
+  from gru_mem import checkpoint
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise FileNotFoundError(f"model.init_workdir={workdir!r} has no checkpoints/ folder: point it "
+                            "at a finished run (e.g. the SFT stage's folder)")
+  params, _ = checkpoint.load_params_for_export(workdir)
+  want = jax.tree.map(lambda x: x.shape, jax.eval_shape(
+      lambda: transformer.init_params(model_config, jax.random.PRNGKey(0))))
+  got = jax.tree.map(lambda x: x.shape, params)
+  if want != got:
+    raise ValueError(f"model.init_workdir={workdir!r} holds params of another model shape than "
+                     "this config's model: use the same model settings as the run that made them")
+  return jax.tree.map(jax.numpy.asarray, params)
 
 
 def run_metadata(config, model_config: ModelConfig) -> dict:

@@ -66,7 +66,7 @@ def check_multihop(example):
 
 def check_evidence(example):
   """Evidence spans are exactly the gold needle sentences and hold every answer."""
-  if example.task == "niah_multihop":
+  if synthetic.TASKS[example.task].multihop:
     return check_multihop(example)
   found = gold_needles(example)
   assert [span for span, _ in found] == sorted(example.evidence)

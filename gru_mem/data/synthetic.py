@@ -10,6 +10,8 @@ Tasks (in the spirit of RULER's NIAH family, plus one two-hop task):
   niah_multivalue   4 values under the same key; all are the answer
   niah_multiquery   4 keys asked at once; all values are the answer
   niah_multihop     "the key of A points to B." + "the secret value of B is V."; asks for A's value
+  niah_multihop_1   niah_multihop with one chain and no distractor chains (evidence order does
+                    not matter: an agent can tell evidence when it sees it)
 
 The "essay" haystack is the sentences of a text file (e.g. Paul Graham's essays) when a path is
 given, else lowercase sentences of random `vocabulary.HAYSTACK_WORDS` (each word one token for the
@@ -53,6 +55,7 @@ TASKS: dict[str, NeedleTask] = {
     "niah_multivalue": NeedleTask("essay", num_values=4),
     "niah_multiquery": NeedleTask("essay", num_keys=4, num_queries=4),
     "niah_multihop": NeedleTask("essay", value_kind="word", num_keys=4, multihop=True),
+    "niah_multihop_1": NeedleTask("essay", value_kind="word", num_keys=1, multihop=True),
 }
 
 _VALUE_NOUN = {"number": ("number", "numbers"), "uuid": ("id", "ids")}

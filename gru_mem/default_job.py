@@ -1,0 +1,122 @@
+"""The default job: a tiny model learns both gates on a laptop CPU, and the evaluation report.
+
+  bash launch/local.sh                       # = the line below, in .venv
+  python -m gru_mem.default_job --config configs/tiny.py --workdir runs/default
+
+Three stages in one process, each in its own folder of the workdir:
+  sft/   stage 1: supervised warm start on scripted trajectories (`gru_mem.sft`)
+  rl/    stage 2: GRU-Mem RL (`gru_mem.train`) starting from the stage-1 weights
+  eval/  stage 3: held-out evaluation (`gru_mem.evaluate`) of the RL model in every mode and of
+         the stage-1 model as MemAgent: results.json, report.md, PNG plots
+and rl_curves.png (reward, gate accuracies, exits, chunks read per RL step) next to them.
+Checkpoints and TensorBoard logs stay in sft/ and rl/. Re-running resumes an interrupted stage
+and skips finished ones (the evaluation is redone only if its results are missing).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import json
+import time
+from typing import Optional
+
+from gru_mem import evaluate, logs, sft, train
+
+RL_CURVES = ("reward/trajectory", "reward/update", "gate/update_acc_evidence",
+             "gate/update_acc_non_evidence", "gate/exit_exact", "agent/chunks_read",
+             "agent/accuracy")
+
+
+def stage_dirs(workdir: str) -> dict[str, str]:
+  return {name: os.path.join(workdir, name) for name in ("sft", "rl", "eval")}
+
+
+def rl_config(config, sft_dir: str):
+  """The RL stage's config: the experiment config starting from the stage-1 params."""
+  config = config.copy_and_resolve_references()
+  config.model.init_workdir = sft_dir
+  return config
+
+
+def _banner(stage: int, text: str, started: float) -> None:
+  elapsed = logs.format_duration(time.perf_counter() - started)
+  print(f"\n[default job] stage {stage}/3: {text} (job time {elapsed})", flush=True)
+
+
+def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
+  """Runs (or resumes) the stages named in `stages`; returns the evaluation results (None when
+  the evaluation was not run)."""
+  wanted = {s.strip() for s in stages.split(",") if s.strip()}
+  unknown = wanted - {"sft", "rl", "eval"}
+  if unknown:
+    raise ValueError(f"stages={stages!r}: unknown {sorted(unknown)}; use any of sft,rl,eval")
+  sft.validate(config)
+  train.validate(config)
+  evaluate.cells(config.eval)
+  dirs = stage_dirs(workdir)
+  started = time.perf_counter()
+  timings = {}
+  if "sft" in wanted:
+    _banner(1, f"supervised warm start, {config.sft.steps} steps -> {dirs['sft']}", started)
+    stage_start = time.perf_counter()
+    if (sft.completed_steps(dirs["sft"]) or 0) >= config.sft.steps:
+      print("[default job] stage 1 already done: skipped")
+    else:
+      sft.train_sft(config, dirs["sft"])
+    timings["sft_s"] = time.perf_counter() - stage_start
+  if "rl" in wanted:
+    _banner(2, f"GRU-Mem RL, {config.train.steps} steps from the stage-1 weights -> {dirs['rl']}",
+            started)
+    stage_start = time.perf_counter()
+    if (sft.completed_steps(dirs["rl"]) or 0) >= config.train.steps:
+      print("[default job] stage 2 already done: skipped")
+    else:
+      train.train(rl_config(config, dirs["sft"]), dirs["rl"])
+    logs.plot_metrics(os.path.join(dirs["rl"], logs.METRICS_FILE), RL_CURVES,
+                      os.path.join(workdir, "rl_curves.png"))
+    timings["rl_s"] = time.perf_counter() - stage_start
+  results = None
+  if "eval" in wanted:
+    _banner(3, f"evaluation on held-out examples -> {dirs['eval']}", started)
+    stage_start = time.perf_counter()
+    results_path = os.path.join(dirs["eval"], "results.json")
+    if os.path.isfile(results_path):
+      print("[default job] stage 3 already done: skipped (delete eval/results.json to redo it)")
+      with open(results_path) as f:
+        results = json.load(f)
+    else:
+      models = evaluate.load_models(dirs["rl"], None, dirs["sft"])
+      command = f"python -m gru_mem.default_job --workdir {workdir}"
+      results = evaluate.evaluate(config, models, dirs["eval"], command)
+    timings["eval_s"] = time.perf_counter() - stage_start
+  timings["total_s"] = time.perf_counter() - started
+  with open(os.path.join(workdir, "timings.json"), "w") as f:
+    json.dump(timings, f, indent=1)
+  print(f"\n[default job] done in {logs.format_duration(timings['total_s'])}: "
+        + ", ".join(f"{k[:-2]} {logs.format_duration(v)}" for k, v in timings.items()
+                    if k != "total_s"))
+  if results is not None:
+    print(f"[default job] report: {os.path.join(dirs['eval'], 'report.md')}")
+    for name, check in results.get("checks", {}).items():
+      print(f"  {name}: {check['value']:.3f} (threshold {check['threshold']}) "
+            f"{'ok' if check['passed'] else 'NOT MET'}")
+  return results
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags, logging
+  logging.set_verbosity(logging.WARNING)
+  run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stages)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config file")
+  flags.DEFINE_string("workdir", "runs/default", "the job's folder")
+  flags.DEFINE_string("stages", "sft,rl,eval", "comma-separated stages to run")
+  app.run(main)

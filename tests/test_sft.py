@@ -1,0 +1,227 @@
+"""Stage 1: scripted trajectories (against the generator's needles and the rollout itself), the
+SFT step (against a plain forward and an unsplit batch), and exact resume of the stage."""
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from gru_mem import checkpoint, gates, sampling, sft
+from gru_mem.agent import parse
+from gru_mem.agent.prompts import EMPTY_MEMORY, PromptBuilder
+from gru_mem.agent.rollout import AgentExample, RolloutSettings, rollout
+from gru_mem.data import synthetic
+from gru_mem.data.tokenizer import builtin_tokenizer
+from gru_mem.model import config as model_config
+from gru_mem.model import transformer
+from gru_mem.rl import learner
+
+CHUNK_TOKENS = 32
+NO_NOISE = sft.ScriptSettings(update_noise=0.0, exit_noise=0.0, memory_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return builtin_tokenizer()
+
+
+def example(tokenizer, task="niah_single_1", seed=3, tokens=256):
+  raw = synthetic.generate(task, tokens, tokenizer, seed=seed)
+  return raw, AgentExample.from_example(raw, tokenizer, CHUNK_TOKENS)
+
+
+def decode_turns(tokenizer, turns):
+  return [tokenizer.decode(t.response_ids) for t in turns]
+
+
+@pytest.mark.parametrize("task,seed", [("niah_single_1", 3), ("niah_multihop_1", 1),
+                                       ("niah_multihop_1", 4)])
+def test_scripted_gated_trajectory_copies_exactly_the_needles(tokenizer, task, seed):
+  raw, agent_example = example(tokenizer, task, seed)
+  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+                                  random.Random(0), NO_NOISE)
+  chunks = agent_example.chunks
+  assert len(turns) == chunks.num_chunks + 1 and turns[-1].kind == "answer"
+  needles_in_order = [raw.document[s:e] for s, e in sorted(raw.evidence)]
+  assert sorted(needles_in_order) == sorted(raw.metadata["evidence_texts"])
+  for index, text in enumerate(decode_turns(tokenizer, turns[:-1])):
+    parsed = parse.parse_response(text)
+    assert parsed.format_ok and parsed.update_gate == gates.UPDATE_YES
+    assert parsed.exit_gate == gates.EXIT_CONTINUE
+    if index < chunks.evidence_chunks[0]:
+      assert parsed.candidate_memory == EMPTY_MEMORY
+    if index >= chunks.last_evidence_chunk:  # every needle read: the memory is them, in order
+      assert parsed.candidate_memory == " ".join(needles_in_order)
+  assert tokenizer.decode(turns[-1].response_ids) == "\\boxed{" + raw.answers[0] + "}"
+  assert turns[-1].response_ids[-1] == tokenizer.token_id("<|im_end|>")
+
+
+def test_scripted_memagent_trajectory_is_the_memory_itself(tokenizer):
+  raw, agent_example = example(tokenizer, "niah_single_1", 5)
+  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "memagent"), tokenizer,
+                                  random.Random(0), NO_NOISE)
+  texts = decode_turns(tokenizer, turns[:-1])
+  last = agent_example.chunks.last_evidence_chunk
+  assert texts[last:] == [raw.metadata["evidence_texts"][0]] * (len(texts) - last)
+  assert set(texts[:agent_example.chunks.evidence_chunks[0]]) <= {EMPTY_MEMORY}
+
+
+def test_noisy_gates_keep_the_memory_and_stop_reading(tokenizer):
+  _, agent_example = example(tokenizer, "niah_single_1", 3)
+  never_update = sft.ScriptSettings(update_noise=1.0, exit_noise=0.0, memory_tokens=64)
+  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+                                  random.Random(0), never_update)
+  parsed = [parse.parse_response(t) for t in decode_turns(tokenizer, turns)]
+  assert all(p.update_gate == gates.UPDATE_NO and p.candidate_memory == "" for p in parsed)
+  assert all(t.kind == "memory" for t in turns)  # the evidence was never stored: no answer turn
+  always_end = sft.ScriptSettings(update_noise=0.0, exit_noise=1.0, memory_tokens=64)
+  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+                                  random.Random(0), always_end)
+  assert len(turns) == 1 and parse.parse_response(
+      tokenizer.decode(turns[0].response_ids)).exit_gate == gates.EXIT_END
+
+
+@pytest.mark.parametrize("mode", ["gru_mem", "memagent"])
+def test_scripted_prompts_are_the_prompts_the_rollout_builds(tokenizer, mode):
+  """Replaying the scripted responses through the real rollout gives the same prompts, so what
+  SFT trains on is exactly what the agent sees at inference."""
+  noisy = sft.ScriptSettings(update_noise=0.3, exit_noise=0.1, memory_tokens=64)
+  _, agent_example = example(tokenizer, "niah_multihop_1", 4)
+  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, mode), tokenizer,
+                                  random.Random(7), noisy)
+  replies = iter(turns)
+  no_answer = sft.response_ids("\\boxed{?}", tokenizer)  # when the script has no answer turn
+
+  def policy(prompt_ids, rng, max_new_tokens):
+    ids = [getattr(next(replies, None), "response_ids", no_answer) for _ in prompt_ids]
+    width = max(len(r) for r in ids)
+    tokens = np.zeros((len(ids), width), np.int32)
+    for i, r in enumerate(ids):
+      tokens[i, :len(r)] = r
+    return sampling.Generation(tokens, np.array([len(r) for r in ids]),
+                               np.zeros((len(ids), width), np.float32),
+                               np.zeros((len(ids), width), np.float32),
+                               np.array(["eos"] * len(ids)))
+
+  result = rollout(policy, PromptBuilder(tokenizer, mode), tokenizer, [agent_example],
+                   jax.random.PRNGKey(0), RolloutSettings(mode=mode, memory_tokens=64))
+  replayed = result.trajectories[0].turns
+  memory_turns = [t for t in turns if t.kind == "memory"]
+  assert len(replayed) == len(memory_turns)
+  for got, want in zip(replayed, memory_turns):
+    np.testing.assert_array_equal(got.prompt_ids, want.prompt_ids)
+  if turns[-1].kind == "answer":
+    np.testing.assert_array_equal(result.trajectories[0].answer_turn.prompt_ids,
+                                  turns[-1].prompt_ids)
+    assert result.trajectories[0].answer in agent_example.answers
+
+
+# ----------------------------------------------------------------------------- the SFT step
+
+CONFIG = model_config.preset("tiny", vocab_size=64)
+
+
+def random_rows(seed, count=5):
+  """Rows of random prompts and responses of different lengths (advantage and pi_old unused)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for _ in range(count):
+    response = rng.integers(1, 64, rng.integers(1, 6))
+    rows.append(learner.LearnerRow(rng.integers(1, 64, rng.integers(3, 12)), response, 1.0,
+                                   np.zeros(len(response), np.float32)))
+  return rows
+
+
+def reference_nll(params, rows):
+  """Token-mean -log pi(response) from one plain forward per row."""
+  total, count = 0.0, 0
+  for row in rows:
+    tokens = jnp.asarray(np.concatenate([row.prompt_ids, row.response_ids]))[None]
+    logits, _ = transformer.forward(CONFIG, params, tokens)
+    logp = jax.nn.log_softmax(logits[0], axis=-1)
+    start = len(row.prompt_ids)
+    for j, token in enumerate(row.response_ids):
+      total -= float(logp[start - 1 + j, token])
+      count += 1
+  return total / count
+
+
+def test_sft_step_loss_matches_a_plain_forward_and_micro_batching_is_exact():
+  rows = random_rows(0)
+  params = transformer.init_params(CONFIG, jax.random.PRNGKey(0))
+  results = []
+  for micro_rows in (2, 8):
+    settings = learner.LearnerSettings(learning_rate=1e-2, micro_batch_rows=micro_rows,
+                                       length_buckets=(8, 16, 32), kl_beta=0.0, adam_eps=1e-4)
+    state = learner.create_train_state(params, settings)
+    batch = learner.pack(rows, settings)
+    state, metrics = sft.make_sft_step(CONFIG, settings)(state, batch)
+    results.append((jax.device_get(state.params), float(metrics["loss"])))
+  want = reference_nll(params, rows)
+  assert results[0][1] == pytest.approx(want, rel=1e-5)
+  assert results[1][1] == pytest.approx(want, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[0][0],
+               results[1][0])
+
+
+def test_sft_steps_fit_a_fixed_batch():
+  rows = random_rows(1, 4)
+  settings = learner.LearnerSettings(learning_rate=1e-2, micro_batch_rows=4,
+                                     length_buckets=(8, 16, 32), kl_beta=0.0)
+  state = learner.create_train_state(transformer.init_params(CONFIG, jax.random.PRNGKey(1)),
+                                     settings)
+  batch, step = learner.pack(rows, settings), sft.make_sft_step(CONFIG, settings)
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.2 * losses[0]
+  assert float(metrics["token_accuracy"]) == 1.0
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def small_config(steps):
+  c = tiny.get_config()
+  c.data.train_tasks = "niah_single_1"
+  c.data.context_tokens = 96
+  c.agent.chunk_tokens = CHUNK_TOKENS
+  c.agent.memory_tokens = 24
+  c.sft.steps = steps
+  c.sft.examples_per_step = 1
+  c.sft.micro_batch_rows = 4
+  c.sft.save_every = 1
+  c.sft.log_every = 1
+  c.sft.warmup_steps = 1
+  return c
+
+
+def test_train_sft_resumes_exactly_and_leaves_a_loadable_run(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  metrics = sft.train_sft(small_config(3), straight)
+  assert {"loss", "token_accuracy", "grad_norm"} <= set(metrics)
+  sft.train_sft(small_config(2), resumed)
+  sft.train_sft(small_config(3), resumed)
+  a, _ = checkpoint.load_params_for_export(straight)
+  b, _ = checkpoint.load_params_for_export(resumed)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert sft.completed_steps(straight) == 3
+  from gru_mem import runtime
+  model_config, params, tok, _ = runtime.load_run(straight)
+  assert model_config.vocab_size >= tok.vocab_size
+  config = small_config(3)
+  config.model.init_workdir = straight
+  started = runtime.initial_params(config, model_config, jax.random.PRNGKey(5))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(started), a)
+
+
+def test_bad_settings_fail_before_any_work():
+  config = small_config(0)
+  with pytest.raises(ValueError, match="sft.steps=0"):
+    sft.validate(config)
+  with pytest.raises(ValueError, match="update_noise"):
+    sft.ScriptSettings(update_noise=1.5)
