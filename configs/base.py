@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.adam_b2 = 0.999  # AdamW beta2
   c.optim.max_grad_norm = 1.0  # global gradient-norm clip
   c.optim.micro_batch_rows = 8  # learner rows per micro-batch (gradient accumulation)
+  c.optim.length_buckets = ""  # comma-separated padded row lengths ("": powers of two from 64)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
@@ -88,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.examples_per_step = 4  # scripted trajectories per step (all their turns are rows)
   c.sft.copy_steps = 0  # first steps: copy warm-up (response = prompt) instead of trajectories
   c.sft.copy_rows = 32  # rows per copy warm-up step
-  c.sft.copy_tokens = 48  # longest random prompt of the copy warm-up
+  c.sft.copy_tokens = 24  # longest random prompt of the copy warm-up
   c.sft.micro_batch_rows = 64  # rows per micro-batch (gradient accumulation)
   c.sft.learning_rate = 1e-3  # AdamW peak learning rate, cosine-decayed over the steps
   c.sft.final_lr_fraction = 0.1  # the cosine ends at this fraction of the peak
@@ -97,8 +98,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.weight_decay = 0.0  # AdamW decoupled weight decay
   c.sft.update_noise = 0.15  # P(a scripted update gate is flipped), wherever the evidence is
   c.sft.exit_noise = 0.08  # P(a scripted turn says end), wherever the evidence is
+  c.sft.update_noise_plain = ml_collections.config_dict.placeholder(float)  # P(no) on chunks
+  #   without evidence (None: update_noise): a prior as weak as a pretrained reader's
+  c.sft.exit_noise_complete = ml_collections.config_dict.placeholder(float)  # P(end) once the
+  #   memory holds all evidence (None: exit_noise)
   c.sft.memagent_fraction = 0.5  # share of trajectories in MemAgent format (the baseline)
-  c.sft.keep_empty_turns = 1.0  # P(keeping a turn with nothing to copy: no evidence yet)
+  c.sft.keep_plain_turns = 1.0  # P(keeping a memory turn whose section holds no evidence)
+  c.sft.think = "state"  # scripted <think>: state (evidence|nothing [enough]) | empty
   c.sft.seed = 1  # data seed of the scripted examples (RL uses `seed`: disjoint examples)
   c.sft.save_every = 100  # checkpoint every N steps (and at the end)
   c.sft.log_every = 10  # average and log metrics every N steps

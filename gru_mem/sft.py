@@ -6,24 +6,32 @@ A small model trained from scratch knows nothing of the response format, so RL a
 see a parseable turn. This stage teaches the format and the copying skill from scripted
 trajectories over synthetic examples whose evidence chunks are known:
 
-  memory turn t (gated):   <think></think> <check>U</check> <update>M</update> <next>E</next>
+  memory turn t (gated):   <think>T</think> <check>U</check> <update>M</update> <next>E</next>
   memory turn t (memagent): M
   answer turn:              \boxed{answer}
 
-where the scripted memory M is the previous memory plus the evidence text of chunk t, copied from
-the document (a needle cut by a chunk boundary is copied piece by piece). The gates are scripted
-MemAgent-like: U = yes and E = continue, except that with probability `update_noise` U is flipped
-and with probability `exit_noise` E says end, independently of where the evidence is. So the
-warm-started policy reads, copies and answers, and says `no` / `end` now and then at random, which
-is what RL needs to explore; which chunks deserve `no` and when to say `end` is left to RL.
-A turn whose gate says no writes an empty <update> (the memory is kept, nothing to copy).
-Half of the trajectories (`memagent_fraction`) use the MemAgent prompt and response, so the same
-weights are the MemAgent baseline of the evaluation.
+The scripted memory M is the previous memory plus the evidence text of chunk t, copied from the
+document (a needle cut by a chunk boundary is copied piece by piece). The think T states what a
+reader notes and decides (`scripted_think`): whether the section holds evidence, and "enough"
+once M holds all of it, each followed by the decision it bears on, which the tags repeat. The
+decisions are scripted MemAgent-like: U = yes and E = continue, except that U says no with
+probability `update_noise` (`update_noise_plain` on a chunk without evidence) and E says end with
+probability `exit_noise` (`exit_noise_complete` once the memory holds every evidence). So the
+warm-started policy reads, copies and answers, and, sampled, says `no` / `end` now and then, which
+RL needs to explore; greedy, it always updates and never exits (every noise below 1/2). Tying the
+gates to what the section holds is left to RL: with equal noise the stage-1 gates are blind to it;
+the tiny config makes the noise a little higher where no / end would be right, a prior no
+stronger than a pretrained reader's, and the policy's greedy gates are still "yes, continue". A turn whose gate says no writes an empty <update> (the memory
+is kept, nothing to copy). Half of the trajectories (`memagent_fraction`) use the MemAgent prompt
+and response, so the same weights are the MemAgent baseline of the evaluation.
+
+Before the trajectories, `copy_steps` steps of a copy warm-up (`CopyRows`) grow the in-context
+copying a pretrained model would bring, and `fan_in_params` scales a from-scratch init so it does.
 
 The loss is the token mean of -log pi(response token) over all response tokens of the batch,
-with exact micro-batch accumulation (sums and counts, as in `rl/learner.py`). Step s trains on the
-trajectories of examples [s * k, (s + 1) * k) of the data stream (seed `sft.seed`), so a resumed
-run sees exactly the batches a straight run would.
+with exact micro-batch accumulation (sums and counts, as in `rl/learner.py`). Every step's rows
+are a pure function of (seed, step), so a resumed run sees exactly the batches a straight run
+would.
 """
 
 from __future__ import annotations
@@ -54,21 +62,42 @@ from gru_mem.rl import learner, loss
 SFT_LENGTH_BUCKETS = tuple(range(32, 1024 + 1, 32)) + tuple(2 ** i for i in range(11, 16))
 
 
+THINK_STYLES = ("state", "empty")
+
+
 @dataclasses.dataclass(frozen=True)
 class ScriptSettings:
   """How scripted trajectories are drawn (each a config key under `sft`)."""
-  update_noise: float = 0.15  # P(the update gate of a turn is flipped)
-  exit_noise: float = 0.08  # P(a turn says end), wherever the evidence is
+  update_noise: float = 0.15  # P(a turn says no): on evidence chunks (and all, by default)
+  exit_noise: float = 0.08  # P(a turn says end): before the memory is complete (and always)
+  update_noise_plain: Optional[float] = None  # P(no) on chunks without evidence (None: same)
+  exit_noise_complete: Optional[float] = None  # P(end) once the memory is complete (None: same)
   memagent_fraction: float = 0.5  # share of trajectories in the MemAgent format
   memory_tokens: int = 1024  # the memory cap (agent.memory_tokens)
-  keep_empty_turns: float = 1.0  # P(training on a turn with nothing to copy yet)
+  keep_plain_turns: float = 1.0  # P(training on a memory turn whose section holds no evidence)
+  think: str = "state"  # "state": say what the section holds (see `scripted_think`) | "empty"
 
   def __post_init__(self):
-    for name in ("update_noise", "exit_noise", "memagent_fraction", "keep_empty_turns"):
-      if not 0.0 <= getattr(self, name) <= 1.0:
+    if self.think not in THINK_STYLES:
+      raise ValueError(f"sft.think={self.think!r}: use one of {THINK_STYLES}")
+    for name in ("update_noise", "exit_noise", "memagent_fraction", "keep_plain_turns",
+                 "update_noise_plain", "exit_noise_complete"):
+      if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
         raise ValueError(f"sft.{name}={getattr(self, name)}: must be in [0, 1]")
     if self.memory_tokens < 1:
       raise ValueError(f"memory_tokens={self.memory_tokens}: must be >= 1")
+
+  def update_noise_for(self, has_evidence: bool) -> float:
+    """P(the scripted update gate says no) on a chunk with or without evidence."""
+    if has_evidence or self.update_noise_plain is None:
+      return self.update_noise
+    return self.update_noise_plain
+
+  def exit_noise_for(self, memory_complete: bool) -> float:
+    """P(the scripted exit gate says end), before or once the memory holds every evidence."""
+    if not memory_complete or self.exit_noise_complete is None:
+      return self.exit_noise
+    return self.exit_noise_complete
 
 
 def end_of_turn_id(tokenizer: Tokenizer) -> int:
@@ -110,12 +139,30 @@ def copy_evidence(copied: str, pieces, stored_spans: set, tokenizer: Tokenizer) 
   return copied
 
 
+def scripted_think(has_evidence: bool, memory_complete: bool, update: bool, end: bool,
+                   style: str) -> str:
+  """The <think> of a scripted gated turn: each observation, then the decision it bears on.
+
+  "state": "evidence" or "nothing" (does this section hold evidence?), the update decision
+  ("yes" / "no"), "enough" once the candidate memory holds every piece of evidence (it answers
+  the question), then the exit decision ("continue" / "end"), e.g. "evidence yes enough end".
+  The decisions are the scripted gates (MemAgent-like plus noise) and the <check> / <next> tags
+  repeat them. Each decision word comes right after the observation it
+  should follow, where a small model's state holds that observation plainly: RL then only has to
+  learn to let the decision follow the observation. "empty": an empty think.
+  """
+  if style == "empty":
+    return ""
+  return " ".join(["evidence" if has_evidence else "nothing", "yes" if update else "no"]
+                  + (["enough"] if memory_complete else []) + ["end" if end else "continue"])
+
+
 @dataclasses.dataclass
 class ScriptedTurn:
   prompt_ids: np.ndarray
   response_ids: np.ndarray
   kind: str  # "memory" | "answer"
-  nothing_to_copy: bool = False  # no evidence in the chunk and none in memory yet
+  has_evidence: bool = False  # a memory turn whose section holds evidence
 
 
 def scripted_trajectory(example: AgentExample, builder: PromptBuilder, tokenizer: Tokenizer,
@@ -134,18 +181,20 @@ def scripted_trajectory(example: AgentExample, builder: PromptBuilder, tokenizer
     pieces = evidence_in_chunk(example.chunks, chunk_index)
     candidate_copied = copy_evidence(copied, pieces, stored_spans, tokenizer)
     candidate = candidate_copied.strip() or EMPTY_MEMORY
-    update = not (gated and rng.random() < script.update_noise)
-    say_end = gated and rng.random() < script.exit_noise
+    complete = not lost_evidence and chunk_index >= example.chunks.last_evidence_chunk
+    update = not (gated and rng.random() < script.update_noise_for(bool(pieces)))
+    say_end = gated and rng.random() < script.exit_noise_for(complete and update)
     prompt = builder.memory_turn(example.question_ids, memory_ids,
                                  example.chunks.chunk(chunk_index))
     if gated:
-      text = parse.format_response("", gates.UPDATE_YES if update else gates.UPDATE_NO,
+      think = scripted_think(bool(pieces), complete, update, say_end, script.think)
+      text = parse.format_response(think, gates.UPDATE_YES if update else gates.UPDATE_NO,
                                    candidate if update else "",
                                    gates.EXIT_END if say_end else gates.EXIT_CONTINUE)
     else:
       text = candidate
     turns.append(ScriptedTurn(prompt, response_ids(text, tokenizer), "memory",
-                              nothing_to_copy=not pieces and candidate == EMPTY_MEMORY))
+                              has_evidence=bool(pieces)))
     if update:
       copied = candidate_copied
       memory_ids = np.asarray(parse.cut_to_tokens(candidate, script.memory_tokens, tokenizer)[1],
@@ -186,14 +235,16 @@ class ScriptedRows:
                                self.script)
 
   def rows(self, step: int) -> list[learner.LearnerRow]:
-    """The step's turns; a turn with nothing to copy is kept with probability keep_empty_turns
-    (the first turn of the step always is, so a step is never empty)."""
+    """The step's turns. A memory turn whose section holds no evidence (it writes "none" or
+    copies the memory forward, the most common and least informative kind) is kept with
+    probability keep_plain_turns; the step's first turn always is, so a step is never empty."""
     first = step * self.examples_per_step
     turns = [turn for index in range(first, first + self.examples_per_step)
              for turn in self.trajectory(index)]
     rng = random.Random(f"sft/{self.seed}/keep/{step}")
     turns = [t for i, t in enumerate(turns)
-             if i == 0 or not t.nothing_to_copy or rng.random() < self.script.keep_empty_turns]
+             if i == 0 or t.kind == "answer" or t.has_evidence
+             or rng.random() < self.script.keep_plain_turns]
     return [learner.LearnerRow(t.prompt_ids, t.response_ids, 1.0,
                                np.zeros(len(t.response_ids), np.float32)) for t in turns]
 
@@ -202,28 +253,34 @@ class CopyRows:
   """Rows of the copy warm-up: a prompt of random tokens, the response is the same tokens.
 
   A model trained from scratch has none of the in-context copying a pretrained LM brings; this
-  dense copy signal (every response token is a copy) grows it in a few hundred cheap steps, and
-  the scripted trajectories then only have to say *what* to copy. Tokens are the words of the
-  built-in vocabulary and digits, digits twice as often (repeated digits make copying depend on
-  more than the last token, as in a 7-digit needle value). Step s is a pure function of (seed, s).
+  dense copy signal (every response token is a copy) grows it in a few hundred cheap steps (at
+  hidden 64 with `fan_in_params`, a phase change near step 500), and the scripted trajectories
+  then only have to say *what* to copy. Each token is a digit with probability `digit_fraction`,
+  else a word of the built-in vocabulary: runs of digits repeat tokens, so copying them needs
+  more than the last token, as a 7-digit needle value does. Step s is a pure function of
+  (seed, s).
   """
 
-  def __init__(self, tokenizer: Tokenizer, rows_per_step: int, max_tokens: int, seed: int):
-    if rows_per_step < 1 or max_tokens < 2:
+  def __init__(self, tokenizer: Tokenizer, rows_per_step: int, max_tokens: int, seed: int,
+               digit_fraction: float = 0.5):
+    if rows_per_step < 1 or max_tokens < 4:
       raise ValueError(f"sft.copy_rows={rows_per_step} must be >= 1 and sft.copy_tokens="
-                       f"{max_tokens} >= 2")
+                       f"{max_tokens} >= 4")
     from gru_mem.data import vocabulary  # pylint: disable=import-outside-toplevel
     words = [tokenizer.encode(" " + w) for w in vocabulary.all_words()]
-    digits = [tokenizer.encode(str(d)) for d in range(10)]
-    self.pool = np.asarray([ids[0] for ids in words + digits + digits if len(ids) == 1], np.int32)
+    self.words = np.asarray([ids[0] for ids in words if len(ids) == 1], np.int32)
+    self.digits = np.asarray([tokenizer.encode(str(d))[0] for d in range(10)], np.int32)
     self.rows_per_step, self.max_tokens, self.seed = rows_per_step, max_tokens, seed
+    self.digit_fraction = digit_fraction
     self.end_id = end_of_turn_id(tokenizer)
 
   def rows(self, step: int) -> list[learner.LearnerRow]:
     rng = np.random.default_rng([self.seed, step])
     rows = []
     for _ in range(self.rows_per_step):
-      tokens = rng.choice(self.pool, rng.integers(2, self.max_tokens + 1))
+      length = rng.integers(4, self.max_tokens + 1)
+      tokens = np.where(rng.random(length) < self.digit_fraction,
+                        rng.choice(self.digits, length), rng.choice(self.words, length))
       copy = np.append(tokens, self.end_id).astype(np.int32)  # the end token separates them
       rows.append(learner.LearnerRow(copy, copy, 1.0, np.zeros(len(copy), np.float32)))
     return rows
@@ -338,9 +395,11 @@ def sft_learner_settings(config) -> learner.LearnerSettings:
 def script_settings(config) -> ScriptSettings:
   s = config.sft
   return ScriptSettings(update_noise=s.update_noise, exit_noise=s.exit_noise,
+                        update_noise_plain=s.get("update_noise_plain"),
+                        exit_noise_complete=s.get("exit_noise_complete"),
                         memagent_fraction=s.memagent_fraction,
                         memory_tokens=config.agent.memory_tokens,
-                        keep_empty_turns=s.keep_empty_turns)
+                        keep_plain_turns=s.keep_plain_turns, think=s.think)
 
 
 def validate(config) -> None:

@@ -37,7 +37,9 @@ def learner_settings(config) -> learner.LearnerSettings:
       learning_rate=o.learning_rate, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay,
       adam_b1=o.adam_b1, adam_b2=o.adam_b2, max_grad_norm=o.max_grad_norm,
       clip_eps_low=rl.clip_eps_low, clip_eps_high=rl.clip_eps_high, kl_beta=rl.kl_beta,
-      micro_batch_rows=o.micro_batch_rows)
+      micro_batch_rows=o.micro_batch_rows,
+      **({"length_buckets": tuple(int(b) for b in str(o.length_buckets).split(","))}
+         if o.get("length_buckets") else {}))
 
 
 def rollout_settings(config, group_size: Optional[int] = None) -> RolloutSettings:

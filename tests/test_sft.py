@@ -1,6 +1,7 @@
 """Stage 1: scripted trajectories (against the generator's needles and the rollout itself), the
 SFT step (against a plain forward and an unsplit batch), and exact resume of the stage."""
 
+import dataclasses
 import random
 
 import jax
@@ -55,6 +56,11 @@ def test_scripted_gated_trajectory_copies_exactly_the_needles(tokenizer, task, s
       assert parsed.candidate_memory == EMPTY_MEMORY
     if index >= chunks.last_evidence_chunk:  # every needle read: the memory is them, in order
       assert parsed.candidate_memory == " ".join(needles_in_order)
+  thinks = [parse.parse_response(t).think for t in decode_turns(tokenizer, turns[:-1])]
+  for index, think in enumerate(thinks):  # what the section holds; "enough" once memory is full
+    observed = "evidence" if index in chunks.evidence_chunks else "nothing"
+    enough = ["enough"] if index >= chunks.last_evidence_chunk else []
+    assert think.split() == [observed, "yes"] + enough + ["continue"]
   assert tokenizer.decode(turns[-1].response_ids) == "\\boxed{" + raw.answers[0] + "}"
   assert turns[-1].response_ids[-1] == tokenizer.token_id("<|im_end|>")
 
@@ -76,12 +82,36 @@ def test_noisy_gates_keep_the_memory_and_stop_reading(tokenizer):
                                   random.Random(0), never_update)
   parsed = [parse.parse_response(t) for t in decode_turns(tokenizer, turns)]
   assert all(p.update_gate == gates.UPDATE_NO and p.candidate_memory == "" for p in parsed)
+  assert all(p.think.split()[1] == "no" for p in parsed)  # the think states the decision too
   assert all(t.kind == "memory" for t in turns)  # the evidence was never stored: no answer turn
   always_end = sft.ScriptSettings(update_noise=0.0, exit_noise=1.0, memory_tokens=64)
   turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
                                   random.Random(0), always_end)
-  assert len(turns) == 1 and parse.parse_response(
-      tokenizer.decode(turns[0].response_ids)).exit_gate == gates.EXIT_END
+  parsed = parse.parse_response(tokenizer.decode(turns[0].response_ids))
+  assert len(turns) == 1 and parsed.exit_gate == gates.EXIT_END
+  assert parsed.think.split()[-1] == "end"
+
+
+@pytest.mark.parametrize("task,seed", [("niah_single_1", 3), ("niah_multihop_1", 4)])
+def test_noise_by_chunk_kind_gives_the_ideal_gates_at_the_extremes(tokenizer, task, seed):
+  """update_noise_plain=1 and exit_noise_complete=1 (with no other noise) script the ideal gates:
+  yes exactly on evidence chunks, end exactly at the last evidence chunk, then the answer."""
+  raw, agent_example = example(tokenizer, task, seed)
+  ideal = sft.ScriptSettings(update_noise=0.0, exit_noise=0.0, update_noise_plain=1.0,
+                             exit_noise_complete=1.0, memory_tokens=64)
+  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+                                  random.Random(0), ideal)
+  chunks = agent_example.chunks
+  parsed = [parse.parse_response(t) for t in decode_turns(tokenizer, turns[:-1])]
+  assert len(parsed) == chunks.last_evidence_chunk + 1 and turns[-1].kind == "answer"
+  assert [p.update_gate == gates.UPDATE_YES for p in parsed] == [
+      i in chunks.evidence_chunks for i in range(len(parsed))]
+  assert [p.exit_gate for p in parsed] == [gates.EXIT_CONTINUE] * (len(parsed) - 1) + [
+      gates.EXIT_END]
+  assert parsed[-1].candidate_memory == " ".join(raw.document[a:b] for a, b in sorted(raw.evidence))
+  assert tokenizer.decode(turns[-1].response_ids) == "\\boxed{" + raw.answers[0] + "}"
+  with pytest.raises(ValueError, match="update_noise_plain"):
+    sft.ScriptSettings(update_noise_plain=-0.1)
 
 
 @pytest.mark.parametrize("mode", ["gru_mem", "memagent"])
@@ -117,6 +147,30 @@ def test_scripted_prompts_are_the_prompts_the_rollout_builds(tokenizer, mode):
     np.testing.assert_array_equal(result.trajectories[0].answer_turn.prompt_ids,
                                   turns[-1].prompt_ids)
     assert result.trajectories[0].answer in agent_example.answers
+
+
+def test_step_rows_keep_evidence_and_answer_turns_and_thin_the_rest(tokenizer):
+  config = tiny.get_config()
+  script = dataclasses.replace(sft.script_settings(config), keep_plain_turns=0.0)
+  rows = sft.ScriptedRows(config.data, tokenizer, CHUNK_TOKENS, script, 3, seed=1)
+  every = [t for index in range(3) for t in rows.trajectory(index)]
+  want = [t for i, t in enumerate(every) if i == 0 or t.kind == "answer" or t.has_evidence]
+  assert len(want) < len(every)
+  assert [r.prompt_ids.tolist() for r in rows.rows(0)] == [t.prompt_ids.tolist() for t in want]
+
+
+def test_copy_rows_respond_with_their_prompt(tokenizer):
+  rows = sft.CopyRows(tokenizer, rows_per_step=64, max_tokens=12, seed=0).rows(3)
+  digits = {tokenizer.encode(str(d))[0] for d in range(10)}
+  copied = [r.prompt_ids[:-1] for r in rows]
+  for row in rows:
+    np.testing.assert_array_equal(row.prompt_ids, row.response_ids)
+    assert row.response_ids[-1] == tokenizer.token_id("<|im_end|>")
+    assert 5 <= len(row.prompt_ids) <= 13
+  share = np.mean([t in digits for c in copied for t in c])
+  assert 0.4 < share < 0.6  # digit_fraction 0.5
+  assert [r.prompt_ids.tolist() for r in sft.CopyRows(tokenizer, 64, 12, 0).rows(3)] == [
+      r.prompt_ids.tolist() for r in rows]  # a pure function of (seed, step)
 
 
 # ----------------------------------------------------------------------------- the SFT step
@@ -192,6 +246,8 @@ def small_config(steps):
   c.agent.chunk_tokens = CHUNK_TOKENS
   c.agent.memory_tokens = 24
   c.sft.steps = steps
+  c.sft.copy_steps = min(1, steps - 1)  # step 0: copy warm-up; then trajectories
+  c.sft.copy_rows, c.sft.copy_tokens = 4, 8
   c.sft.examples_per_step = 1
   c.sft.micro_batch_rows = 4
   c.sft.save_every = 1

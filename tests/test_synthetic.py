@@ -10,9 +10,9 @@ from gru_mem.data import synthetic
 from gru_mem.data.tokenizer import builtin_tokenizer, load_tokenizer
 
 QUESTION_PATTERNS = [
-    re.compile(r"what is the special magic (number|id) for (.+) in the document\?"),
-    re.compile(r"what are all the special magic (number|id)s for (.+) in the document\?"),
-    re.compile(r"what are the special magic (number|id)s for (.+) in the document\?"),
+    re.compile(r"what is the special magic (number|id|word) for (.+) in the document\?"),
+    re.compile(r"what are all the special magic (number|id|word)s for (.+) in the document\?"),
+    re.compile(r"what are the special magic (number|id|word)s for (.+) in the document\?"),
 ]
 
 
@@ -46,8 +46,8 @@ def gold_needles(example):
     raise AssertionError(f"unexpected question {example.question!r}")
   found = []
   for key in keys:
-    needle = re.compile(rf"the special magic {noun} for {re.escape(key)} is ([0-9a-f-]+)\.")
-    found += [((m.start(), m.end()), m.group(1)) for m in needle.finditer(example.document)]
+    needle = re.compile(rf"the (special magic {noun} for {re.escape(key)} is ([0-9a-z-]+))\.")
+    found += [(m.span(1), m.group(2)) for m in needle.finditer(example.document)]
   return sorted(found)
 
 
@@ -60,12 +60,12 @@ def check_multihop(example):
   assert values == list(example.answers)
   # The chain is recoverable from the evidence alone: link 1 names the bridge, link 2 the value.
   first, second = sorted(example.evidence_texts(), key=lambda text: "points to" not in text)
-  assert first == f"the key of {start_key} points to {links[0]}."
-  assert second == f"the secret value of {links[0]} is {values[0]}."
+  assert first == f"key of {start_key} points to {links[0]}"  # the facts (`fact_span`)
+  assert second == f"secret value of {links[0]} is {values[0]}"
 
 
 def check_evidence(example):
-  """Evidence spans are exactly the gold needle sentences and hold every answer."""
+  """Evidence spans are exactly the facts of the gold needle sentences and hold every answer."""
   if synthetic.TASKS[example.task].multihop:
     return check_multihop(example)
   found = gold_needles(example)

@@ -161,11 +161,22 @@ def sentence_stream(kind: str, tokenizer, rng: random.Random, essays_path: Optio
   raise ValueError(f"haystack={kind!r}: must be one of {HAYSTACK_KINDS}")
 
 
+def fact_span(needle: str) -> tuple[int, int]:
+  """[start, end) of the fact a needle sentence states: the sentence without a leading "the "
+  and its closing period ("special magic number for amber falcon is 4821907"). A chunk that
+  holds only a needle's opening "the" or its period tells a reader nothing, so the evidence
+  spans (and the evidence chunks they mark) cover the fact alone."""
+  start = 4 if needle.startswith("the ") else 0
+  end = len(needle) - 1 if needle.endswith(".") else len(needle)
+  return start, end
+
+
 def _assemble(haystack: Sequence[str], placed: Sequence[tuple[int, float, str, bool]]
               ) -> tuple[str, list[tuple[int, int]]]:
   """Joins haystack sentences with " ", inserting each needle before sentence `boundary`.
 
-  placed: (boundary, position, text, is_evidence), sorted. Returns text and evidence char spans.
+  placed: (boundary, position, text, is_evidence), sorted. Returns text and the evidence char
+  spans (each evidence needle's `fact_span`).
   """
   pieces: list[str] = []
   spans: list[tuple[int, int]] = []
@@ -176,7 +187,8 @@ def _assemble(haystack: Sequence[str], placed: Sequence[tuple[int, float, str, b
     if pieces:
       offset += 1
     if is_evidence:
-      spans.append((offset, offset + len(text)))
+      start, end = fact_span(text)
+      spans.append((offset + start, offset + end))
     pieces.append(text)
     offset += len(text)
 

@@ -4,6 +4,8 @@ Tasks (in the spirit of RULER's NIAH family, plus one two-hop task):
   niah_single_1     one needle in a repeated-noise haystack, number value
   niah_single_2     one needle in an essay haystack, number value
   niah_single_3     one needle in an essay haystack, uuid value
+  niah_single_word  one needle in a repeated-noise haystack, one-word value (a tiny model copies
+                    a word far sooner than seven digits in order)
   niah_multikey_1   essay haystack with 3 distractor needles under other keys
   niah_multikey_2   a haystack made entirely of distractor needles
   niah_multikey_3   a needle haystack whose keys and values are uuids
@@ -12,6 +14,10 @@ Tasks (in the spirit of RULER's NIAH family, plus one two-hop task):
   niah_multihop     "the key of A points to B." + "the secret value of B is V."; asks for A's value
   niah_multihop_1   niah_multihop with one chain and no distractor chains (evidence order does
                     not matter: an agent can tell evidence when it sees it)
+
+Each evidence span covers its needle's fact, the sentence without the opening "the" and the
+period (`haystack.fact_span`): a chunk that only holds those two tokens of a needle cut by a chunk
+boundary tells nothing and is not an evidence chunk.
 
 The "essay" haystack is the sentences of a text file (e.g. Paul Graham's essays) when a path is
 given, else lowercase sentences of random `vocabulary.HAYSTACK_WORDS` (each word one token for the
@@ -49,6 +55,7 @@ TASKS: dict[str, NeedleTask] = {
     "niah_single_1": NeedleTask("noise"),
     "niah_single_2": NeedleTask("essay"),
     "niah_single_3": NeedleTask("essay", value_kind="uuid"),
+    "niah_single_word": NeedleTask("noise", value_kind="word"),
     "niah_multikey_1": NeedleTask("essay", num_keys=4),
     "niah_multikey_2": NeedleTask("needles"),
     "niah_multikey_3": NeedleTask("needles", key_kind="uuid", value_kind="uuid"),
@@ -58,7 +65,7 @@ TASKS: dict[str, NeedleTask] = {
     "niah_multihop_1": NeedleTask("essay", value_kind="word", num_keys=1, multihop=True),
 }
 
-_VALUE_NOUN = {"number": ("number", "numbers"), "uuid": ("id", "ids")}
+_VALUE_NOUN = {"number": ("number", "numbers"), "uuid": ("id", "ids"), "word": ("word", "words")}
 
 
 @dataclasses.dataclass
@@ -220,4 +227,5 @@ def generate(task: str, target_tokens: int, tokenizer=None, seed: int = 0,
       answer_mode="all" if len(needles.answers) > 1 else "any",
       metadata={"haystack": kind, "target_tokens": target_tokens,
                 "evidence_within": evidence_within, "tokenizer": tokenizer.name,
-                "evidence_texts": tuple(needles.evidence)})
+                "evidence_texts": tuple(text[slice(*haystack_lib.fact_span(text))]
+                                          for text in needles.evidence)})
