@@ -52,7 +52,10 @@ def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
   workdir = tmp_path / "run"
   stdout = run_module(["gru_mem.train", "--config", "configs/tiny.py", "--workdir", str(workdir),
                        "--config.train.dry_run=True", "--config.mesh.data=2",
-                       "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+                       "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                       # the sampler shapes of the hand computation below
+                       "--config.rl.group_size=4", "--config.agent.chunk_tokens=64",
+                       "--config.agent.max_response_tokens=96"])
   report = json.loads((workdir / "dry_run.json").read_text())
   assert sorted(os.listdir(workdir)) == ["dry_run.json"]  # nothing trained, nothing saved
 

@@ -9,6 +9,7 @@ import types
 import numpy as np
 import pytest
 
+from configs import tiny
 from gru_mem import checkpoint, export_hf, gates, infer
 from gru_mem.agent import parse
 from gru_mem.data import synthetic
@@ -176,14 +177,18 @@ def test_bad_inputs_fail_before_any_model_is_read(run, tmp_path, monkeypatch):
     _prepare(good)
   # Over budget (the tiny model has 4096 positions): needs the tokenizer, never the weights.
   long_question = "what is the number " * 1000
-  with pytest.raises(ValueError, match=r"needs up to \d+ prompt tokens \(question \d+ \+ memory "
-                                       r"48 \+ chunk 64 .* the model allows 4096"):
+  agent = tiny.get_config().agent  # write_run's config
+  with pytest.raises(ValueError, match=rf"needs up to \d+ prompt tokens \(question \d+ \+ memory "
+                                       rf"{agent.memory_tokens} \+ chunk {agent.chunk_tokens} .* "
+                                       r"the model allows 4096"):
     _prepare(good, question=long_question, hf_model=None, workdir=run.workdir)
   with pytest.raises(ValueError, match=r"chunk 4096 .* the model allows 4096"):
     _prepare(good, hf_model=run.export, chunk_tokens=4096)
   request = _prepare(good, hf_model=None, workdir=run.workdir)  # the run's agent settings
-  assert request.agent == {"mode": "gru_mem", "chunk_tokens": 64, "memory_tokens": 48,
-                           "max_response_tokens": 96, "max_answer_tokens": 24}
+  assert request.agent == {"mode": agent.mode, "chunk_tokens": agent.chunk_tokens,
+                           "memory_tokens": agent.memory_tokens,
+                           "max_response_tokens": agent.max_response_tokens,
+                           "max_answer_tokens": agent.max_answer_tokens}
   assert request.document_text == run.example.document
   # answer_question checks its budget before tokenizing or compiling (params=None never used).
   with pytest.raises(ValueError, match="the model allows 4096"):
