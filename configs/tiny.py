@@ -48,12 +48,12 @@ def get_config():
   c.rl.group_size = 8
   c.rl.prompts_per_step = 4
   c.rl.alpha = 0.9
-  c.rl.kl_beta = 0.0
+  c.rl.kl_beta = 0.02  # k3 KL to the stage-1 policy keeps its copying while the gates move
   c.rl.max_refill_rounds = 2
   c.optim.learning_rate = 1e-3  # a tiny model from scratch: far above the paper's 1e-6
   c.optim.micro_batch_rows = 32
   c.optim.length_buckets = "64,128,192,256,320,384,512,1024,2048,4096"
-  c.train.steps = 80
+  c.train.steps = 100
   c.train.save_every = 10
 
   # Stage 3: held-out evaluation.

@@ -55,7 +55,7 @@ def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
                        "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
                        # the sampler shapes of the hand computation below
                        "--config.rl.group_size=4", "--config.agent.chunk_tokens=64",
-                       "--config.agent.max_response_tokens=96"])
+                       "--config.agent.max_response_tokens=96", "--config.rl.kl_beta=0"])
   report = json.loads((workdir / "dry_run.json").read_text())
   assert sorted(os.listdir(workdir)) == ["dry_run.json"]  # nothing trained, nothing saved
 
@@ -74,7 +74,7 @@ def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
   assert printed(stdout, "num_params") == config.num_params()
   # AdamW keeps mu and nu like the params, plus a few replicated int32 counts.
   assert 0 <= report["optimizer_bytes_per_device"] - 2 * params_per_device <= 16
-  assert report["reference_bytes_per_device"] == 0  # tiny.py: kl_beta = 0
+  assert report["reference_bytes_per_device"] == 0  # kl_beta = 0: no reference copy
   check_against_compiler(report)
 
   # Sampler: 4 prompts x 4 samples = 16 rows over data*fsdp = 4; prompt bucket of
