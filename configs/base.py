@@ -96,8 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.warmup_steps = 20  # linear warmup steps
   c.sft.init = "model"  # random init of a preset: model (std 0.02) | fan_in (1/sqrt(fan_in))
   c.sft.weight_decay = 0.0  # AdamW decoupled weight decay
-  c.sft.update_noise = 0.15  # P(a scripted update gate is flipped), wherever the evidence is
-  c.sft.exit_noise = 0.08  # P(a scripted turn says end), wherever the evidence is
+  c.sft.update_noise = 0.15  # P(a scripted turn says no): on evidence chunks (else everywhere)
+  c.sft.exit_noise = 0.08  # P(a scripted turn says end): before the memory is complete (else all)
   c.sft.update_noise_plain = ml_collections.config_dict.placeholder(float)  # P(no) on chunks
   #   without evidence (None: update_noise): a prior as weak as a pretrained reader's
   c.sft.exit_noise_complete = ml_collections.config_dict.placeholder(float)  # P(end) once the

@@ -21,9 +21,10 @@ warm-started policy reads, copies and answers, and, sampled, says `no` / `end` n
 RL needs to explore; greedy, it always updates and never exits (every noise below 1/2). Tying the
 gates to what the section holds is left to RL: with equal noise the stage-1 gates are blind to it;
 the tiny config makes the noise a little higher where no / end would be right, a prior no
-stronger than a pretrained reader's, and the policy's greedy gates are still "yes, continue". A turn whose gate says no writes an empty <update> (the memory
-is kept, nothing to copy). Half of the trajectories (`memagent_fraction`) use the MemAgent prompt
-and response, so the same weights are the MemAgent baseline of the evaluation.
+stronger than a pretrained reader's, and the policy's greedy gates are still "yes, continue".
+A turn whose gate says no writes an empty <update> (the memory is kept, nothing to copy). Half
+of the trajectories (`memagent_fraction`) use the MemAgent prompt and response, so the same
+weights are the MemAgent baseline of the evaluation.
 
 Before the trajectories, `copy_steps` steps of a copy warm-up (`CopyRows`) grow the in-context
 copying a pretrained model would bring, and `fan_in_params` scales a from-scratch init so it does.

@@ -38,8 +38,17 @@ def learner_settings(config) -> learner.LearnerSettings:
       adam_b1=o.adam_b1, adam_b2=o.adam_b2, max_grad_norm=o.max_grad_norm,
       clip_eps_low=rl.clip_eps_low, clip_eps_high=rl.clip_eps_high, kl_beta=rl.kl_beta,
       micro_batch_rows=o.micro_batch_rows,
-      **({"length_buckets": tuple(int(b) for b in str(o.length_buckets).split(","))}
-         if o.get("length_buckets") else {}))
+      **({"length_buckets": parse_length_buckets(o.length_buckets)} if o.get("length_buckets")
+         else {}))
+
+
+def parse_length_buckets(text) -> tuple[int, ...]:
+  """optim.length_buckets "64,128,256" -> (64, 128, 256); the learner checks the order."""
+  try:
+    return tuple(int(b) for b in str(text).split(","))
+  except ValueError:
+    raise ValueError(f"optim.length_buckets={text!r}: give increasing row lengths separated by "
+                     "commas, e.g. '64,128,256', or '' for powers of two") from None
 
 
 def rollout_settings(config, group_size: Optional[int] = None) -> RolloutSettings:

@@ -106,6 +106,8 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path):
     ("rl.group_size=1", "rl.group_size=1: must be >= 2"),
     ("mesh.data=3", "mesh"),
     ("agent.mode='nope'", "mode='nope'"),
+    ("optim.length_buckets='64;128'", "optim.length_buckets='64;128': give increasing"),
+    ("optim.length_buckets='128,64'", "must be a non-empty increasing tuple"),
 ])
 def test_bad_config_fails_before_any_compile(tmp_path, override, message):
   config = smoke.get_config()
