@@ -148,9 +148,9 @@ def scripted_think(has_evidence: bool, memory_complete: bool, update: bool, end:
   ("yes" / "no"), "enough" once the candidate memory holds every piece of evidence (it answers
   the question), then the exit decision ("continue" / "end"), e.g. "evidence yes enough end".
   The decisions are the scripted gates (MemAgent-like plus noise) and the <check> / <next> tags
-  repeat them. Each decision word comes right after the observation it
-  should follow, where a small model's state holds that observation plainly: RL then only has to
-  learn to let the decision follow the observation. "empty": an empty think.
+  repeat them. Each decision word comes right after the observation it should follow, where a
+  small model's state holds that observation plainly: RL then only has to learn to let the
+  decision follow the observation. "empty": an empty think.
   """
   if style == "empty":
     return ""

@@ -46,7 +46,7 @@ def test_shrunk_default_job_learns_the_update_gate_and_writes_its_report(tmp_pat
   rows = logs.read_metrics(os.path.join(workdir, "rl", logs.METRICS_FILE))
   assert [r["step"] for r in rows] == list(range(1, 9))
   update_reward = np.array([r["reward/update"] for r in rows])
-  # Mean r_upd per turn: -1 + 2 * (gate accuracy). Starting near chance, RL lifts it.
+  # Mean r_upd per turn: -1 + 2 * (gate accuracy). From stage 1's noisy gates, RL lifts it.
   assert update_reward[-3:].mean() > update_reward[:2].mean() + 0.2, update_reward
   for name in ("rl_curves.png", "eval/report.md", "eval/accuracy_vs_length.png",
                "eval/memory_vs_step.png", "timings.json"):

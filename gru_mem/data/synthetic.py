@@ -143,7 +143,8 @@ def _make_needles(spec: NeedleTask, rng: random.Random) -> _Needles:
   if spec.multihop:
     return _multihop_needles(spec, rng)
   if spec.value_kind not in _VALUE_NOUN:
-    raise ValueError(f"value_kind={spec.value_kind!r}: needle tasks take 'number' or 'uuid'")
+    raise ValueError(f"value_kind={spec.value_kind!r}: needle tasks take one of "
+                     f"{sorted(_VALUE_NOUN)}")
   if not 1 <= spec.num_queries <= spec.num_keys:
     raise ValueError(f"num_queries={spec.num_queries}: must be in [1, num_keys={spec.num_keys}]")
   keys = _keys(spec.key_kind, rng, spec.num_keys)
