@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, smallest_bucket
 from gru_mem.model.config import ModelConfig
 from gru_mem.model.transformer import Transformer, forward, init_cache, positions_from_mask
 
@@ -37,7 +38,6 @@ STOP_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 # How many times prefill / decode were traced (= compiled). Tests read it to bound compilations.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-_DEFAULT_LENGTH_BUCKETS = tuple(2 ** i for i in range(6, 16))  # 64 ... 32768
 _DEFAULT_BATCH_BUCKETS = tuple(2 ** i for i in range(0, 9))  # 1 ... 256
 
 
@@ -58,7 +58,7 @@ class SamplingSettings:
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   eos_id: Union[int, tuple[int, ...], None] = None
   pad_id: int = 0
-  length_buckets: tuple[int, ...] = _DEFAULT_LENGTH_BUCKETS
+  length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
   batch_buckets: tuple[int, ...] = _DEFAULT_BATCH_BUCKETS
   prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled chunk by chunk
 
@@ -95,7 +95,7 @@ class SamplingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class _DecodeSpec:
+class DecodeSpec:
   """The part of the settings that shapes the compiled program (a static jit argument)."""
   max_new_tokens: int
   temperature: float
@@ -150,7 +150,7 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, spec: _DecodeSpec):
+def sample_tokens(logits: jax.Array, keys: jax.Array, spec: DecodeSpec):
   """Draws one token per row. Returns (token [B], logprob [B], sampling_logprob [B]).
 
   logprob = log softmax(logits)[token] (temperature 1); sampling_logprob is the same under the
@@ -169,7 +169,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, spec: _DecodeSpec):
   return token, logprob, sampling_logprob
 
 
-def _record(state: dict, logits: jax.Array, spec: _DecodeSpec) -> dict:
+def _record(state: dict, logits: jax.Array, spec: DecodeSpec) -> dict:
   """Samples token number `step` for every row, writes it and marks rows that are now done."""
   step = state["step"]
   keys = jax.vmap(jax.random.fold_in, (0, None))(state["row_keys"], step)
@@ -205,7 +205,7 @@ def _record(state: dict, logits: jax.Array, spec: _DecodeSpec) -> dict:
 
 
 def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config: ModelConfig,
-             spec: _DecodeSpec):
+             spec: DecodeSpec):
   """Runs the left-padded prompts [B, L] through the model and samples each row's first token."""
   TRACE_COUNTS["prefill"] += 1
   batch, length = prompt_tokens.shape
@@ -256,7 +256,7 @@ def _chunked_prefill(config: ModelConfig, params, tokens, mask, cache, chunk_tok
   return last_hiddens[-1], cache
 
 
-def _decode(params, state, *, config: ModelConfig, spec: _DecodeSpec):
+def _decode(params, state, *, config: ModelConfig, spec: DecodeSpec):
   """Feeds the last sampled token of every row and samples the next, until all rows are done."""
   TRACE_COUNTS["decode"] += 1
 
@@ -272,14 +272,8 @@ def _decode(params, state, *, config: ModelConfig, spec: _DecodeSpec):
   return jax.lax.while_loop(not_finished, one_token, state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec"))
-_decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnums=(1,))
-
-
-def _bucket(size: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
-  """The smallest bucket >= size, rounded up to a multiple of `multiple_of`."""
-  bucket = next(b for b in buckets if b >= size)
-  return -(-bucket // multiple_of) * multiple_of
+prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec"))
+decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnums=(1,))
 
 
 def _batch_shards(batch_sharding) -> int:
@@ -347,25 +341,26 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
   rows, limits = _check_prompts(config, prompts, settings, max_new_tokens_per_row)
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.PRNGKey(rng)
-  spec = _DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
+  spec = DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
                      int(settings.top_k), settings.stop_sequences, settings.eos_ids,
                      int(settings.pad_id), int(settings.prefill_chunk_tokens))
   shards = _batch_shards(batch_sharding)
-  largest_batch = _bucket(settings.batch_buckets[-1], settings.batch_buckets, shards)
+  largest_batch = smallest_bucket(settings.batch_buckets[-1], settings.batch_buckets,
+                                  multiple_of=shards)
   finals = []
   for start in range(0, len(rows), largest_batch):  # dispatch every batch before reading any
     chunk = rows[start:start + largest_batch]
-    batch = _bucket(len(chunk), settings.batch_buckets, shards)
-    length = _bucket(max(len(r) for r in chunk), settings.length_buckets)
+    batch = smallest_bucket(len(chunk), settings.batch_buckets, multiple_of=shards)
+    length = smallest_bucket(max(len(r) for r in chunk), settings.length_buckets)
     tokens, mask = _left_pad(chunk, batch, length, settings.pad_id)
     if batch_sharding is not None:
       tokens, mask = jax.device_put((tokens, mask), batch_sharding)
     chunk_limits = np.zeros(batch, np.int32)  # dummy rows: limit 0, done from the start
     chunk_limits[:len(chunk)] = limits[start:start + len(chunk)]
     row_ids = np.arange(start, start + batch, dtype=np.int32)
-    state = _prefill_jit(params, tokens, mask, chunk_limits, row_ids, rng, config=config,
+    state = prefill_jit(params, tokens, mask, chunk_limits, row_ids, rng, config=config,
                          spec=spec)
-    state = _decode_jit(params, state, config=config, spec=spec)
+    state = decode_jit(params, state, config=config, spec=spec)
     del state["cache"]
     finals.append((len(chunk), state))
   return _collect(finals)
