@@ -8,13 +8,15 @@ Every entry point calls `quiet_startup()` first. What it silences, and how:
     TF 2.21, so TensorFlow is imported here once with the process's stderr (file descriptor 2)
     pointed at /dev/null, and it is told to use no GPU (it would otherwise grab GPU memory that
     JAX needs). An import error still raises, with its traceback, after stderr is restored.
-  * absl (orbax writes a line per file at INFO): WARNING and above only.
+  * absl (orbax writes a line per file at INFO): WARNING and above only; and orbax's two
+    warnings that a read-only manager (export, evaluation, infer reading a run) is read-only.
 Warnings of gru_mem itself, and Python warnings of the libraries, are left as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import os
 import sys
 
@@ -55,3 +57,11 @@ def quiet_startup(import_tensorflow: bool = True) -> None:
       pass  # seqio / clu will say what is missing when they are used
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)
+  pylogging.getLogger("absl").addFilter(_drop_orbax_read_only_notices)
+
+
+def _drop_orbax_read_only_notices(record) -> bool:
+  """False (drop) for orbax's notices that a manager opened read-only is read-only."""
+  message = record.getMessage()
+  return not ("orbax" in record.pathname and ("read_only=True" in message
+                                              or "directory is read only" in message))

@@ -70,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.clip_eps_low = 0.2  # rho lower clip 1 - eps_low (DAPO)
   c.rl.clip_eps_high = 0.28  # rho upper clip 1 + eps_high (DAPO clip-higher)
   c.rl.kl_beta = 0.001  # weight of the k3 KL to the frozen reference policy (0: no reference)
+  c.rl.clip_ratio_c = 3.0  # dual-clip: for A < 0 the per-token loss is capped at -c * A (verl: 3;
+  #   0 disables)
+  c.rl.log_ratio_clamp = 20.0  # log(pi / pi_old) and log(pi_ref / pi) clamped to +-this before exp
+  #   (0 disables)
+  c.rl.kl_clamp = 10.0  # the per-token k3 KL clamped to [-c, c] (verl's low_var_kl: 10; 0 disables)
   c.rl.compute_entropy = True  # log the policy's token-mean entropy (one more pass over logits)
 
   c.optim = ml_collections.ConfigDict()

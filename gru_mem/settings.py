@@ -50,8 +50,9 @@ def learner_settings(config) -> learner.LearnerSettings:
       final_lr_fraction=optim.final_lr_fraction, weight_decay=optim.weight_decay,
       adam_b1=optim.adam_b1, adam_b2=optim.adam_b2, adam_eps=optim.adam_eps,
       max_grad_norm=optim.max_grad_norm, clip_eps_low=rl.clip_eps_low,
-      clip_eps_high=rl.clip_eps_high, kl_beta=rl.kl_beta, micro_batch_rows=optim.micro_batch_rows,
-      compute_entropy=rl.compute_entropy, **buckets)
+      clip_eps_high=rl.clip_eps_high, clip_ratio_c=rl.clip_ratio_c,
+      log_ratio_clamp=rl.log_ratio_clamp, kl_clamp=rl.kl_clamp, kl_beta=rl.kl_beta,
+      micro_batch_rows=optim.micro_batch_rows, compute_entropy=rl.compute_entropy, **buckets)
 
 
 def sft_learner_settings(config) -> learner.LearnerSettings:
