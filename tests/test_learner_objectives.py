@@ -141,7 +141,8 @@ def test_greedy_token_accuracy_counts_argmax_hits():
     tokens.append(int(jnp.argmax(logits[0, -1])))
   greedy = np.array(tokens[len(prompt):], np.int32)
   other = np.random.default_rng(0).integers(1, T.CONFIG.vocab_size, 5).astype(np.int32)
-  logits, _ = T.transformer.forward(T.CONFIG, params, jnp.asarray(np.concatenate([prompt, other]))[None])
+  sequence = jnp.asarray(np.concatenate([prompt, other]))[None]
+  logits, _ = T.transformer.forward(T.CONFIG, params, sequence)
   hits = int((np.argmax(np.asarray(logits[0, len(prompt) - 1:-1]), -1) == other).sum())
   rows = [batch_lib.LearnerRow(prompt, greedy, 1.0, np.zeros(5, np.float32)),
           batch_lib.LearnerRow(prompt, other, 1.0, np.zeros(5, np.float32))]

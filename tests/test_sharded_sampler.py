@@ -1,10 +1,11 @@
 """The sampler on 8 fake CPU devices: sharded runs give the unsharded run's tokens and log-probs.
 
-Checked layouts: the learner's (params per `parallel.param_shardings` on a 2x2x2 data/fsdp/tensor
-mesh, prompts split over data/fsdp, the model's activation constraints active), and two sampler
-layouts reached by resharding those learner params device to device: tensor-parallel (2 x tensor
-4) and fully replicated with the batch over 8 devices. Runs in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=8; this pytest process keeps one device.
+Checked layouts: the learner's (params per `model.shardings.param_shardings` on a 2x2x2
+data/fsdp/tensor mesh, prompts split over data/fsdp, the model's activation constraints active),
+and two sampler layouts reached by resharding those learner params device to device:
+tensor-parallel (2 x tensor 4) and fully replicated with the batch over 8 devices. Runs in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; this pytest process keeps one
+device.
 """
 
 import json
