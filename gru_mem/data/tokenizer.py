@@ -68,11 +68,13 @@ class Tokenizer:
     return int(token_id)
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; no BOS/EOS are added."""
-    return list(self.hf.encode(text, add_special_tokens=False))
+    """Token ids of `text`; no BOS/EOS are added. Texts longer than the model's window are
+    expected (documents are chunked after encoding), so transformers' length notice is off."""
+    return list(self.hf.encode(text, add_special_tokens=False, verbose=False))
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False)["input_ids"]]
+    encoded = self.hf(list(texts), add_special_tokens=False, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
