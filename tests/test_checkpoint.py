@@ -140,7 +140,7 @@ def test_run_folder_reads_params_alone_and_resolves_steps(tmp_path):
   assert run_folder.resolve_step(str(tmp_path)) == 3
   assert run_folder.completed_steps(str(tmp_path)) == 3
   assert run_folder.completed_steps(str(tmp_path / "elsewhere")) is None
-  with pytest.raises(FileNotFoundError, match="no checkpoint for step 7 .*available: \\[2, 3\\]"):
+  with pytest.raises(FileNotFoundError, match="has no checkpoint for step 7; available: \\[2, 3\\]"):
     run_folder.resolve_step(str(tmp_path), 7)
   with pytest.raises(FileNotFoundError, match="elsewhere has no checkpoints/ folder"):
     run_folder.load_params(str(tmp_path / "elsewhere"))
