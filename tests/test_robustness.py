@@ -217,3 +217,53 @@ def test_qwen_vocabulary_model_forced_past_the_tokenizer_runs_a_whole_rollout(sa
   tok = qwen2_tokenizer(sample_data)
   out = run_forced_rollout(tok, 151_936, mode, temperature=0.0, logit_bias=10.0)
   check_rollout(tok, *out, mode=mode, greedy=True, logit_bias=10.0)
+
+
+# ---------------------------------------------------------------- bad configs: refused, nothing written
+
+def smoke_config(**changes):
+  from configs import smoke
+  config = smoke.get_config()
+  for key, value in changes.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+@pytest.mark.parametrize("changes, error, message", [
+    ({"rl.alhpa": 0.5}, ValueError, r"config keys \['rl.alhpa'\] are not defined"),
+    ({"rl.group_size": 1}, ValueError, r"rl.group_size=1: must be >= 2"),
+    ({"rl.alpha": 1.5}, ValueError, r"rl.alpha=1.5: must be in \[0, 1\]"),
+    ({"model.hf_path": "/nonexistent/Qwen2.5-7B"}, FileNotFoundError,
+     r"model.hf_path='/nonexistent/Qwen2.5-7B' has no config.json"),
+    ({"data.train_tasks": "hotpotqa", "data.hotpotqa_path": "/no/hotpot.json"}, FileNotFoundError,
+     r"data.task='hotpotqa' needs data.hotpotqa_path .* \(got '/no/hotpot.json'\)"),
+    ({"data.train_tasks": "squad"}, FileNotFoundError, r"data.task='squad' needs data.squad_path"),
+    ({"data.essays_path": "/no/essays.txt"}, FileNotFoundError,
+     r"data.essays_path='/no/essays.txt' does not exist"),
+    ({"data.train_tasks": "niah_single_9"}, ValueError, r"data task 'niah_single_9' is unknown"),
+])
+@pytest.mark.parametrize("entry", ["train", "sft"])
+def test_bad_config_is_refused_before_the_workdir_is_made(tmp_path, entry, changes, error, message):
+  from gru_mem import sft, train
+  if entry == "sft" and {"rl.group_size", "rl.alpha"} & set(changes):
+    pytest.skip("an RL setting: stage 1 does not read it")
+  workdir = tmp_path / "run"
+  run = train.train if entry == "train" else sft.train_sft
+  config = smoke_config(**changes)
+  config.sft.steps, config.sft.copy_steps = 4, 0  # smoke has no stage 1 of its own
+  with pytest.raises(error, match=message):
+    run(config, str(workdir))
+  assert not workdir.exists()
+
+
+def test_missing_tokenizer_folder_is_a_clear_error_with_nothing_in_the_workdir(tmp_path):
+  """Read after the workdir is made (runtime.build_tokenizer, not settings.validate): the folder
+  may exist, but holds nothing."""
+  from gru_mem import train
+  workdir = tmp_path / "run"
+  config = smoke_config()
+  config.tokenizer = "/no/tokenizer"
+  with pytest.raises(FileNotFoundError, match="tokenizer folder '/no/tokenizer' does not exist"):
+    train.train(config, str(workdir))
+  assert not workdir.exists() or not os.listdir(workdir)
