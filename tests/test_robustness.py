@@ -267,3 +267,71 @@ def test_missing_tokenizer_folder_is_a_clear_error_with_nothing_in_the_workdir(t
   with pytest.raises(FileNotFoundError, match="tokenizer folder '/no/tokenizer' does not exist"):
     train.train(config, str(workdir))
   assert not workdir.exists() or not os.listdir(workdir)
+
+
+# ---------------------------------------------------------------- run folders without a checkpoint
+
+@pytest.mark.parametrize("left_behind", ["nothing", "a kill during the first save"])
+def test_a_run_folder_without_a_complete_checkpoint_is_a_clear_error(tmp_path, left_behind):
+  """checkpoints/ exists (the run started) but holds no complete step: every reader says so,
+  export writes nothing, and the unfinished save is left for training to clean up."""
+  from gru_mem import export_hf, infer, run_folder, runtime
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  if left_behind != "nothing":  # what orbax leaves when the process dies mid-save
+    (workdir / "checkpoints" / "1.orbax-checkpoint-tmp").mkdir()
+  entries = sorted(os.listdir(workdir / "checkpoints"))
+  no_checkpoint = f"no complete checkpoint in {workdir / 'checkpoints'}"
+  for read in (run_folder.load_params, run_folder.read_run, run_folder.resolve_step,
+               lambda w: runtime.load_model(workdir=w)):
+    with pytest.raises(FileNotFoundError, match=no_checkpoint):
+      read(str(workdir))
+  assert run_folder.completed_steps(str(workdir)) is None
+  out = tmp_path / "export"
+  with pytest.raises(FileNotFoundError, match=no_checkpoint):
+    export_hf.export(str(workdir), str(out))
+  assert not out.exists()
+  document = tmp_path / "doc.txt"
+  document.write_text("the number is 7.")
+  with pytest.raises(FileNotFoundError, match=no_checkpoint):
+    infer.prepare(None, str(workdir), None, str(document), "what is the number?")
+  assert sorted(os.listdir(workdir / "checkpoints")) == entries
+
+
+# ---------------------------------------------------------------- a run of non-finite steps
+
+def test_a_run_of_nonfinite_steps_stops_with_the_last_good_state_saved(tmp_path, capsys):
+  """Stage counts consecutive steps whose `nonfinite` metric is 1 (a finite step resets the
+  count); at train.max_nonfinite_steps it saves the state it was given -- the learner returns
+  its input state for a skipped step, so the last good one -- and says to stop."""
+  import jax.numpy as jnp
+  from gru_mem import checkpoint, stage
+  from gru_mem.rl import learner
+
+  def state(value):
+    return learner.TrainState({"w": jnp.full(3, value, jnp.float32)}, {"m": jnp.zeros(3)},
+                              jnp.asarray(value, jnp.int32))
+
+  run = stage.Stage("train", str(tmp_path), total_steps=20, save_every=100, keep=3, metadata={},
+                    max_nonfinite_steps=3)
+  current, _, position, start = run.resume(state(0), None, {"examples_consumed": 0})
+  assert start == 0
+  # step: 1 good, 2-3 non-finite (a run of 2), 4 good (resets), 5-7 non-finite: stop after 7.
+  nonfinite = {1: 0.0, 2: 1.0, 3: 1.0, 4: 0.0, 5: 1.0, 6: 1.0, 7: 1.0}
+  stopped = None
+  for step, flag in nonfinite.items():
+    if not flag:
+      current = state(step)  # an applied update
+    position = {"examples_consumed": step * 2}
+    if run.end_of_step(step, current, None, position, {"learner/nonfinite": flag}):
+      stopped = step
+      break
+  run.close()
+  assert stopped == 7
+  assert ("[train] stopped after step 7 of 20: 3 consecutive steps had a non-finite loss or "
+          "gradient (their updates were skipped); the last good state is saved") in capsys.readouterr().out
+  with checkpoint.CheckpointManager(str(tmp_path), read_only=True) as manager:
+    assert manager.all_steps() == [7]  # save_every=100: only the stop's forced save
+    restored, saved_position, _ = manager.restore()
+  np.testing.assert_array_equal(restored["params"]["w"], np.full(3, 4.0, np.float32))
+  assert int(restored["step"]) == 4 and saved_position == {"examples_consumed": 14}
