@@ -9,7 +9,8 @@ import pytest
 
 from gru_mem import gates
 from gru_mem.agent import parse
-from gru_mem.data.tokenizer import REPLACEMENT_CHARACTER, Tokenizer, builtin_tokenizer, load_tokenizer
+from gru_mem.data.tokenizer import (REPLACEMENT_CHARACTER, Tokenizer, builtin_tokenizer,
+                                    load_tokenizer)
 
 FFFD = REPLACEMENT_CHARACTER
 
@@ -129,7 +130,7 @@ def force_out_of_vocabulary(config, params, tokenizer: Tokenizer, logit_bias: fl
 
 
 def out_of_vocabulary_mass(config, params, tokenizer, prompt_ids) -> np.ndarray:
-  """Probability of an id >= tokenizer.vocab_size at each prompt position (a teacher-forced pass)."""
+  """P(an id >= tokenizer.vocab_size) at each prompt position (a teacher-forced pass)."""
   from gru_mem.model import transformer
   logits, _ = transformer.forward(config, params, np.asarray(prompt_ids, np.int32)[None])
   probs = np.asarray(jax.nn.softmax(logits[0].astype(np.float32), axis=-1))
@@ -155,8 +156,10 @@ def run_forced_rollout(tok, vocab_size, mode, temperature, logit_bias, seed=0):
   policy = sampler_policy(config, params, sampling.SamplingSettings(
       temperature=temperature, eos_id=tok.stop_ids, pad_id=tok.pad_id))
   memories = {}
+  def on_turn(row, step, turn, memory):
+    memories[(row, step)] = memory
   result = rollout(policy, PromptBuilder(tok, mode), tok, examples, jax.random.PRNGKey(2), settings,
-                   on_turn=lambda row, step, turn, memory: memories.__setitem__((row, step), memory))
+                   on_turn=on_turn)
   return config, params, examples, result, memories
 
 
@@ -219,7 +222,7 @@ def test_qwen_vocabulary_model_forced_past_the_tokenizer_runs_a_whole_rollout(sa
   check_rollout(tok, *out, mode=mode, greedy=True, logit_bias=10.0)
 
 
-# ---------------------------------------------------------------- bad configs: refused, nothing written
+# ---------------------------------------------------------------- bad configs: nothing written
 
 def smoke_config(**changes):
   from configs import smoke
@@ -329,7 +332,8 @@ def test_a_run_of_nonfinite_steps_stops_with_the_last_good_state_saved(tmp_path,
   run.close()
   assert stopped == 7
   assert ("[train] stopped after step 7 of 20: 3 consecutive steps had a non-finite loss or "
-          "gradient (their updates were skipped); the last good state is saved") in capsys.readouterr().out
+          "gradient (their updates were skipped); the last good state is saved"
+          ) in capsys.readouterr().out
   with checkpoint.CheckpointManager(str(tmp_path), read_only=True) as manager:
     assert manager.all_steps() == [7]  # save_every=100: only the stop's forced save
     restored, saved_position, _ = manager.restore()

@@ -96,14 +96,15 @@ class Tokenizer:
     size = self.vocab_size
     if not ids or max(ids) < size:
       return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+    skip = skip_special_tokens
     pieces, run = [], []  # run: the in-vocabulary ids since the last out-of-range one
     for token_id in ids:
       if token_id < size:
         run.append(token_id)
         continue
-      pieces += [self.hf.decode(run, skip_special_tokens=skip_special_tokens), REPLACEMENT_CHARACTER]
+      pieces += [self.hf.decode(run, skip_special_tokens=skip), REPLACEMENT_CHARACTER]
       run = []
-    pieces.append(self.hf.decode(run, skip_special_tokens=skip_special_tokens))
+    pieces.append(self.hf.decode(run, skip_special_tokens=skip))
     return "".join(pieces)
 
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
