@@ -260,16 +260,14 @@ def test_bad_config_is_refused_before_the_workdir_is_made(tmp_path, entry, chang
   assert not workdir.exists()
 
 
-def test_missing_tokenizer_folder_is_a_clear_error_with_nothing_in_the_workdir(tmp_path):
-  """Read after the workdir is made (runtime.build_tokenizer, not settings.validate): the folder
-  may exist, but holds nothing."""
+def test_missing_tokenizer_folder_is_a_clear_error_before_the_workdir_is_made(tmp_path):
   from gru_mem import train
   workdir = tmp_path / "run"
   config = smoke_config()
   config.tokenizer = "/no/tokenizer"
-  with pytest.raises(FileNotFoundError, match="tokenizer folder '/no/tokenizer' does not exist"):
+  with pytest.raises(FileNotFoundError, match="tokenizer='/no/tokenizer' does not exist"):
     train.train(config, str(workdir))
-  assert not workdir.exists() or not os.listdir(workdir)
+  assert not workdir.exists()
 
 
 # ---------------------------------------------------------------- run folders without a checkpoint
@@ -351,8 +349,6 @@ def test_an_empty_essays_file_is_named(tmp_path):
     synthetic.generate("niah_single_2", 400, builtin_tokenizer(), seed=0, essays_path=str(empty))
 
 
-@pytest.mark.xfail(strict=True, reason="haystack.essay_sentences catches OSError only: a "
-                   "UnicodeDecodeError goes through without the path (gru_mem/data, lead's to fix)")
 def test_an_essays_file_that_is_not_utf8_is_named(tmp_path):
   from gru_mem.data import synthetic
   latin1 = tmp_path / "latin1.txt"
@@ -361,8 +357,6 @@ def test_an_essays_file_that_is_not_utf8_is_named(tmp_path):
     synthetic.generate("niah_single_2", 400, builtin_tokenizer(), seed=0, essays_path=str(latin1))
 
 
-@pytest.mark.xfail(strict=True, reason="hotpotqa/squad loaders let json.JSONDecodeError and "
-                   "UnicodeDecodeError through without the path (gru_mem/data, lead's to fix)")
 @pytest.mark.parametrize("content", [b'[{"_id": "a", "question": "q"', b"\xff\xfe not json"])
 @pytest.mark.parametrize("dataset", ["hotpotqa", "squad"])
 def test_a_data_file_that_is_not_json_names_the_file(tmp_path, dataset, content):

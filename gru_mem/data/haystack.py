@@ -43,6 +43,9 @@ def essay_sentences(path: str) -> tuple[str, ...]:
       text = " ".join(f.read().split())
   except OSError as e:
     raise FileNotFoundError(f"essays_path={path!r}: cannot read it ({e}); give a UTF-8 text file") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"essays_path={path!r} is not UTF-8 text (byte {e.start}): convert it, e.g. "
+                     "iconv -f latin1 -t utf-8") from None
   sentences = tuple(s for s in re.split(r"(?<=[.!?])\s+", text) if s)
   if not sentences:
     raise ValueError(f"essays_path={path!r}: the file has no text")
