@@ -18,8 +18,10 @@ cache index, traced). Each group of `heads // kv_heads` query heads shares one k
 Implementations:
   xla      the reference: two einsums over the full [batch, kv_heads, group, q, k] float32 scores.
   chunked  online softmax (FlashAttention's recurrence) over key/value blocks in a `lax.scan`,
-           inside a `lax.map` over query blocks whose body is `jax.checkpoint`ed, so forward and
-           backward hold O(q_block * k_len) scores, never O(q_len * k_len). Key blocks that no
+           inside a `lax.map` over query blocks. Both bodies are `jax.checkpoint`ed, so the
+           backward pass keeps per query block only the running (max, sum, output) of each key
+           block and recomputes the scores: memory O(k_len * block), never O(q_len * k_len),
+           for one extra forward pass of the attention (not of the model). Key blocks that no
            query of the block can see (above the causal diagonal, or all padding) are skipped
            with `lax.cond`. Any backend, any dtype.
   cudnn    `jax.nn.dot_product_attention(implementation="cudnn")`: GPU, bfloat16/float16,
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Union
+from typing import Optional, Union
 
 import flax.linen as nn
 import jax
@@ -93,10 +95,15 @@ def _cudnn_shape_error(dtype, head_dim: int):
 def resolve(implementation: str, *, backend: str, k_len: int, dtype, head_dim: int,
             cached: bool) -> str:
   """The implementation `attention` runs: `implementation` itself unless it is 'auto' (see the
-  module docstring), or 'splash' against a KV cache, which runs 'chunked'."""
+  module docstring), or 'splash' against a KV cache, which runs 'chunked'. Raises a ValueError
+  for one that cannot run on `backend` or (cudnn) take `dtype` / `head_dim`."""
   check_implementation(implementation, backend)
   if implementation == "splash" and cached:
     return "chunked"
+  if implementation == "cudnn" and _cudnn_shape_error(dtype, head_dim):
+    raise ValueError(f"attention implementation 'cudnn' cannot take "
+                     f"{_cudnn_shape_error(dtype, head_dim)}: use model.dtype='bfloat16', or "
+                     "model.attention='chunked' or 'auto'")
   if implementation != "auto":
     return implementation
   if backend == "tpu" and not cached:
@@ -107,12 +114,13 @@ def resolve(implementation: str, *, backend: str, k_len: int, dtype, head_dim: i
 
 
 def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla",
-              block_size: int = DEFAULT_BLOCK):
+              block_size: Optional[int] = None):
   """Grouped-query attention under the visibility rule of the module docstring.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; key_valid
   [batch, k_len] bool; query_offset: the slot of query 0 (an int, or a traced scalar for a KV
-  cache). Returns [batch, q_len, heads, head_dim] in v's dtype.
+  cache). block_size: chunked's query and key block (default `DEFAULT_BLOCK`, read at trace
+  time). Returns [batch, q_len, heads, head_dim] in v's dtype.
   """
   batch, q_len, heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[0] != batch or heads % k.shape[2] or k.shape[3] != head_dim:
@@ -128,12 +136,9 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
   if name == "xla":
     return xla_attention(q, k, v, visibility(key_valid, query_offset, q_len))
   if name == "chunked":
-    return chunked_attention(q, k, v, key_valid, query_offset, block_size=block_size)
+    return chunked_attention(q, k, v, key_valid, query_offset,
+                             block_size=block_size or DEFAULT_BLOCK)
   if name == "cudnn":
-    shape_error = _cudnn_shape_error(q.dtype, head_dim)
-    if shape_error:
-      raise ValueError(f"attention implementation 'cudnn' cannot take {shape_error}: use "
-                       "model.dtype='bfloat16', or model.attention='chunked' or 'auto'")
     return cudnn_attention(q, k, v, key_valid, query_offset, causal=not cached)
   return splash_attention(q, k, v, key_valid)
 
@@ -222,7 +227,7 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
 
       # Skip a key block no query of this block can see (causal upper triangle, all padding).
       seen = (k_index * block_k <= query_slot[-1]) & jnp.any(valid_block)
-      return jax.lax.cond(seen, update, lambda c: c, carry), None
+      return jax.lax.cond(seen, jax.checkpoint(update), lambda c: c, carry), None
 
     stats = (batch, kv_heads, group, block_q)
     init = (jnp.full(stats, MASKED, jnp.float32), jnp.zeros(stats, jnp.float32),
