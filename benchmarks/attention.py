@@ -7,6 +7,7 @@ L tokens: loss = mean(final hidden^2), differentiated w.r.t. all parameters, jit
                gradients): the peak memory the step needs beyond its arguments and outputs;
   tokens_per_s L / median step time (only run where temp_bytes <= --max_run_gib, as this
                machine is small and shared; larger steps are compiled for their memory only).
+               At each L the implementations' timed runs alternate, so load changes hit both.
 Also the growth of temp_bytes per doubling of L, and chunked's time / xla's time per length.
 
   python benchmarks/attention.py                       # -> benchmarks/results/attention.json
@@ -16,8 +17,11 @@ Also the growth of temp_bytes per doubling of L, and chunked's time / xla's time
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/ is not a package)
@@ -45,23 +49,41 @@ def step_fn(config):
   return jax.jit(jax.value_and_grad(loss))
 
 
-def measure(implementation: str, length: int, max_run_gib: float, iterations: int) -> dict:
+def compile_step(implementation: str, length: int):
+  """(compiled step, params, tokens, XLA's temporaries in bytes) for one row of `length`."""
   config = small_model(implementation)
   params = transformer.init_params(config, jax.random.PRNGKey(0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (1, length)),
                        jnp.int32)
   compiled = step_fn(config).lower(params, tokens).compile()
-  temp = int(compiled.memory_analysis().temp_size_in_bytes)
-  row = {"implementation": implementation, "length": length, "temp_bytes": temp,
-         "temp_gib": round(temp / GIB, 3)}
-  if temp > max_run_gib * GIB:
-    row["skipped"] = f"temporaries {temp / GIB:.1f} GiB > --max_run_gib {max_run_gib}"
-    return row
-  timing = common.time_call(lambda: jax.block_until_ready(compiled(params, tokens)),
-                            warmup=1, iterations=iterations)
-  row.update(step_s=round(timing["median_s"], 4), tokens_per_s=round(length / timing["median_s"], 1),
-             times_s=[round(t, 4) for t in timing["times_s"]])
-  return row
+  return compiled, params, tokens, int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def measure_length(implementations, length: int, max_run_gib: float, iterations: int) -> list:
+  """Rows for each implementation at `length`. Timed runs alternate between implementations
+  (after one warm-up each), so a change in the machine's load hits all of them alike."""
+  rows, runnable = [], []
+  for implementation in implementations:
+    compiled, params, tokens, temp = compile_step(implementation, length)
+    row = {"implementation": implementation, "length": length, "temp_bytes": temp,
+           "temp_gib": round(temp / GIB, 3), "times_s": []}
+    rows.append(row)
+    if temp > max_run_gib * GIB:
+      row["skipped"] = f"temporaries {temp / GIB:.1f} GiB > --max_run_gib {max_run_gib}"
+      continue
+    run = functools.partial(lambda c, p, t: jax.block_until_ready(c(p, t)), compiled, params,
+                            tokens)
+    run()  # warm-up
+    runnable.append((row, run))
+  for _ in range(iterations):
+    for row, run in runnable:
+      start = time.perf_counter()
+      run()
+      row["times_s"].append(round(time.perf_counter() - start, 4))
+  for row, _ in runnable:
+    row["step_s"] = round(statistics.median(row["times_s"]), 4)
+    row["tokens_per_s"] = round(length / row["step_s"], 1)
+  return rows
 
 
 def main():
@@ -77,9 +99,9 @@ def main():
   attention.DEFAULT_BLOCK = args.block  # the model calls attention with the default block
   lengths = [int(x) for x in args.lengths.split(",")]
   rows = []
-  for implementation in args.implementations.split(","):
-    for length in lengths:
-      row = measure(implementation, length, args.max_run_gib, args.iterations)
+  for length in lengths:
+    for row in measure_length(args.implementations.split(","), length, args.max_run_gib,
+                              args.iterations):
       print(row, flush=True)
       rows.append(row)
   by = {(r["implementation"], r["length"]): r for r in rows}

@@ -44,6 +44,11 @@ def _loss(out, weights):
   return jnp.sum(jnp.sin(out) * weights)
 
 
+def _jit_grad(fn, weights):
+  """d _loss(fn(q, k, v)) / d (q, k, v), jitted."""
+  return jax.jit(jax.grad(lambda *a: _loss(fn(*a), weights), argnums=(0, 1, 2)))
+
+
 CASES = [  # (heads, kv_heads, head_dim, length, block): ratios 1/2/4, odd head_dim, blocks that
     (4, 4, 8, 37, 8),  # do not divide the length,
     (4, 2, 5, 37, 16),
@@ -66,13 +71,13 @@ def test_chunked_equals_xla_forward_and_gradients(heads, kv_heads, head_dim, len
   def chunked(q, k, v):
     return attention.chunked_attention(q, k, v, key_valid, block_size=block)
 
-  ref, out = xla(q, k, v), chunked(q, k, v)
+  ref, out = jax.jit(xla)(q, k, v), jax.jit(chunked)(q, k, v)
   assert np.isfinite(np.asarray(out)).all()  # left-padding queries see nothing: 0, not NaN
   np.testing.assert_allclose(np.asarray(out)[sees_a_key], np.asarray(ref)[sees_a_key], atol=1e-5,
                              rtol=0)
   assert np.abs(np.asarray(ref)[sees_a_key]).max() > 0.1
-  grads_ref = jax.grad(lambda *a: _loss(xla(*a), weights), argnums=(0, 1, 2))(q, k, v)
-  grads = jax.grad(lambda *a: _loss(chunked(*a), weights), argnums=(0, 1, 2))(q, k, v)
+  grads_ref = _jit_grad(xla, weights)(q, k, v)
+  grads = _jit_grad(chunked, weights)(q, k, v)
   for name, g, g_ref in zip("qkv", grads, grads_ref):
     assert np.isfinite(np.asarray(g)).all(), name
     np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=0, err_msg=f"d loss / d {name}")
@@ -114,9 +119,8 @@ def test_splash_interpret_mode_equals_xla(monkeypatch, heads, kv_heads, head_dim
 
   ref, out = attention.xla_attention(q, k, v, visible), jax.jit(splash)(q, k, v)
   np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], atol=1e-5, rtol=0)
-  grads_ref = jax.grad(lambda *a: _loss(attention.xla_attention(*a, visible), weights),
-                       argnums=(0, 1, 2))(q, k, v)
-  grads = jax.jit(jax.grad(lambda *a: _loss(splash(*a), weights), argnums=(0, 1, 2)))(q, k, v)
+  grads_ref = _jit_grad(lambda *a: attention.xla_attention(*a, visible), weights)(q, k, v)
+  grads = _jit_grad(splash, weights)(q, k, v)
   for name, g, g_ref in zip("qkv", grads, grads_ref):
     np.testing.assert_allclose(g, g_ref, atol=1e-4, rtol=0, err_msg=f"d loss / d {name}")
   # Under a mesh it runs in shard_map (one CPU device here: the wrapping, not the split).
@@ -226,6 +230,7 @@ def test_auto_choices():
   assert pick("gpu") == "cudnn"
   assert pick("gpu", dtype=jnp.float32, k_len=8192) == "chunked"  # cuDNN takes no float32
   assert pick("gpu", head_dim=100) == "xla"
+  assert pick("gpu", cached=True, k_len=8192) == "chunked"  # sampler: cuDNN only when asked for
   assert pick("tpu") == "splash"
   assert pick("tpu", cached=True, k_len=8192) == "chunked"
   assert attention.resolve("splash", backend="tpu", k_len=1, dtype=jnp.float32, head_dim=8,

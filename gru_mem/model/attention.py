@@ -31,8 +31,9 @@ Implementations:
            plus segment ids for padding, in `shard_map` over the current mesh. Calls against a
            KV cache (a traced `query_offset` that the static splash mask cannot hold) use
            `chunked`. `SPLASH_INTERPRET = True` runs it in Pallas interpret mode (tests on CPU).
-  auto     splash on TPU (no cache), cudnn on GPU where dtype and head_dim allow, else chunked
-           once k_len >= `CHUNKED_MIN_LENGTH` tokens, xla for shorter rows.
+  auto     for calls without a cache (the learner, `forward`): splash on TPU, cudnn on GPU
+           where dtype and head_dim allow; otherwise (and for every call against a KV cache)
+           chunked once k_len >= `CHUNKED_MIN_LENGTH` slots, xla below.
 
 A query that sees no key at all (a left-padding query before any real token) gets a finite
 output that nothing reads: the uniform mean of v under `xla` and `cudnn`, zero under `chunked`.
@@ -108,7 +109,7 @@ def resolve(implementation: str, *, backend: str, k_len: int, dtype, head_dim: i
     return implementation
   if backend == "tpu" and not cached:
     return "splash"
-  if backend in _BACKENDS["cudnn"] and _cudnn_shape_error(dtype, head_dim) is None:
+  if backend in _BACKENDS["cudnn"] and not cached and _cudnn_shape_error(dtype, head_dim) is None:
     return "cudnn"
   return "chunked" if k_len >= CHUNKED_MIN_LENGTH else "xla"
 
@@ -257,7 +258,8 @@ def _splash_kernel(length: int, group: int, block: int, interpret: bool):
   blocks = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                              block_q_dq=block, block_kv_dq=block)
-  return kernel.make_splash_mqa_single_device(mask, block_sizes=blocks, interpret=interpret)
+  with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+    return kernel.make_splash_mqa_single_device(mask, block_sizes=blocks, interpret=interpret)
 
 
 def splash_attention(q, k, v, key_valid, *, block: int = SPLASH_BLOCK):
