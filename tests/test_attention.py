@@ -102,7 +102,7 @@ def test_chunked_against_a_cache_with_rows_of_different_lengths(block):
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 8), (4, 2, 8), (4, 1, 6)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 8), (4, 1, 6)])
 def test_splash_interpret_mode_equals_xla(monkeypatch, heads, kv_heads, head_dim):
   """The TPU kernel run by Pallas' interpreter on CPU, on real queries (padding queries attend
   to padding under splash's segment ids, so they are left out); forward and gradients."""
@@ -151,7 +151,7 @@ def test_prefill_and_decode_with_chunked_equal_xla(monkeypatch):
     config = TINY.replace(attention=name)
     cache = transformer.init_cache(config, 3, capacity=17)
     outputs = []
-    for start, stop in ((0, 7), (7, 10)) + tuple((i, i + 1) for i in range(10, 14)):
+    for start, stop in ((0, 5), (5, 10)) + tuple((i, i + 1) for i in range(10, 14)):
       chunk_mask = mask[:, start:stop]
       positions = cache["lengths"][:, None] + transformer.positions_from_mask(chunk_mask)
       out, cache = jax.jit(transformer.forward, static_argnums=0)(
