@@ -47,9 +47,9 @@ def main():
   count = dry_run.mesh_device_count(config.mesh)
   devices = dry_run.fake_cpu_devices(count)  # before anything starts a JAX backend
 
-  from gru_mem import parallel, train  # pylint: disable=import-outside-toplevel
+  from gru_mem import parallel, settings as run_settings  # pylint: disable=import-outside-toplevel
   base_model, model_source = dry_run.dry_run_model_config(config)
-  settings = train.learner_settings(config)
+  settings = run_settings.learner_settings(config)
   mesh = parallel.mesh_from_config(config.mesh, devices=devices)
   shapes = dry_run.default_shapes(config, settings, mesh)
   settings = dataclasses.replace(settings, micro_batch_rows=shapes.rows)

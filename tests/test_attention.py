@@ -22,6 +22,7 @@ import torch
 from conftest import REPO
 from gru_mem.model import attention, hf, transformer
 from gru_mem.model import config as model_config
+from gru_mem.rl import batch as batch_lib
 from gru_mem.rl import learner
 
 
@@ -175,11 +176,11 @@ def test_learner_step_with_chunked_equals_xla(monkeypatch):
   rows = []
   for prompt_len, response_len in ((5, 3), (20, 9), (12, 12), (3, 1)):
     response = rng.integers(1, TINY.vocab_size, response_len)
-    rows.append(learner.LearnerRow(
+    rows.append(batch_lib.LearnerRow(
         rng.integers(1, TINY.vocab_size, prompt_len), response, float(rng.normal()),
         rng.normal(-4, 0.3, response_len).astype(np.float32),
         rng.normal(-4, 0.3, response_len).astype(np.float32)))
-  batch = learner.pack(rows, settings)
+  batch = batch_lib.pack_rows(rows, settings.length_buckets, settings.micro_batch_rows)
   params = transformer.init_params(TINY, jax.random.PRNGKey(0))
   results = {}
   for name in ("xla", "chunked"):
