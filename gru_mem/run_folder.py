@@ -58,7 +58,8 @@ def _resolve(manager: checkpoint.CheckpointManager, workdir: str, step: Optional
     raise FileNotFoundError(f"{what} {workdir} has no checkpoint for step {step}; available: "
                             f"{steps}")
   if step is None and not steps:
-    raise FileNotFoundError(f"{what} {workdir} holds no complete checkpoint yet")
+    raise FileNotFoundError(f"{what} {workdir}: no complete checkpoint in "
+                            f"{checkpoint.checkpoint_dir(workdir)} yet")
   return int(manager.resolve_step(step))
 
 
