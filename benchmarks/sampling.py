@@ -153,7 +153,7 @@ def main():
         "greedy_tokens_equal_fraction": float(np.mean(ours["tokens"] == theirs["tokens"])),
     }
     row["speedup"] = row["ours_decode_tokens_per_s"] / row["transformers_decode_tokens_per_s"]
-    cache_slots = sampling._bucket(PROMPT_TOKENS, sampling._DEFAULT_LENGTH_BUCKETS) + NEW_TOKENS
+    cache_slots = sampling.bucket(PROMPT_TOKENS, sampling._DEFAULT_LENGTH_BUCKETS) + NEW_TOKENS
     step_bytes = decode_step_bytes(config, params, batch, cache_slots)
     row["bytes_read_per_step"] = step_bytes
     step_s = ours["decode_s"] / (NEW_TOKENS - 1)

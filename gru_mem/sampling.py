@@ -11,6 +11,9 @@ token per step into the KV cache until every row is done, without leaving the de
 Row i's random stream is `fold_in(fold_in(rng, i), step)`, with i its index among the inputs, so
 its samples do not depend on which rows share its batch or how the batch was padded.
 
+`gru_mem.continuous.generate` streams the rows through `settings.slots` decode slots instead
+(continuous batching, the same outputs); it builds on the pieces here.
+
 Log-probs: `logprobs` is log pi(token) under the model at temperature 1 (RL's pi_old);
 `sampling_logprobs` is the log-prob under the distribution actually sampled from (temperature,
 top-k then top-p applied; 0 for greedy). Jitted calls follow whatever sharding params and prompt
@@ -61,8 +64,13 @@ class SamplingSettings:
   length_buckets: tuple[int, ...] = _DEFAULT_LENGTH_BUCKETS
   batch_buckets: tuple[int, ...] = _DEFAULT_BATCH_BUCKETS
   prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled chunk by chunk
+  slots: int = 0  # > 0: continuous batching through this many decode slots (0: static batches)
+  refill_free_slots: int = 0  # refill once this many slots are free (0: a quarter of the slots)
 
   def __post_init__(self):
+    if self.slots < 0 or self.refill_free_slots < 0:
+      raise ValueError(f"slots={self.slots}, refill_free_slots={self.refill_free_slots}: must be "
+                       ">= 0 (slots 0 means static batches, refill_free_slots 0 a quarter of them)")
     if self.prefill_chunk_tokens < 1:
       raise ValueError(f"prefill_chunk_tokens={self.prefill_chunk_tokens}: must be >= 1")
     if self.max_new_tokens < 1:
@@ -95,7 +103,7 @@ class SamplingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class _DecodeSpec:
+class DecodeSpec:
   """The part of the settings that shapes the compiled program (a static jit argument)."""
   max_new_tokens: int
   temperature: float
@@ -105,6 +113,16 @@ class _DecodeSpec:
   eos_ids: tuple[int, ...]
   pad_id: int
   prefill_chunk_tokens: int = 2048
+
+
+_DecodeSpec = DecodeSpec  # the old name, still read by dry_run.py
+
+
+def decode_spec(settings: SamplingSettings) -> DecodeSpec:
+  """The compiled-program part of `settings`."""
+  return DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
+                    int(settings.top_k), settings.stop_sequences, settings.eos_ids,
+                    int(settings.pad_id), int(settings.prefill_chunk_tokens))
 
 
 @dataclasses.dataclass
@@ -150,7 +168,7 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
-def sample_tokens(logits: jax.Array, keys: jax.Array, spec: _DecodeSpec):
+def sample_tokens(logits: jax.Array, keys: jax.Array, spec: DecodeSpec):
   """Draws one token per row. Returns (token [B], logprob [B], sampling_logprob [B]).
 
   logprob = log softmax(logits)[token] (temperature 1); sampling_logprob is the same under the
@@ -169,7 +187,23 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, spec: _DecodeSpec):
   return token, logprob, sampling_logprob
 
 
-def _record(state: dict, logits: jax.Array, spec: _DecodeSpec) -> dict:
+def end_reason(token, lengths, limits, recent, spec: DecodeSpec) -> jax.Array:
+  """Each row's state after emitting `token` [B]: EOS, STOP, LENGTH or still RUNNING.
+
+  lengths [B] counts the row's tokens including this one; recent [B, longest stop] holds its
+  last generated tokens ending with this one (-1 where there are fewer).
+  """
+  hit_eos = jnp.zeros(token.shape, jnp.bool_)
+  for eos in spec.eos_ids:
+    hit_eos = hit_eos | (token == eos)
+  hit_stop = jnp.zeros(token.shape, jnp.bool_)
+  for stop in spec.stop_sequences:
+    hit_stop = hit_stop | jnp.all(recent[:, -len(stop):] == jnp.asarray(stop, jnp.int32), axis=1)
+  return jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, jnp.where(
+      lengths >= limits, LENGTH, RUNNING))).astype(jnp.int32)
+
+
+def _record(state: dict, logits: jax.Array, spec: DecodeSpec) -> dict:
   """Samples token number `step` for every row, writes it and marks rows that are now done."""
   step = state["step"]
   keys = jax.vmap(jax.random.fold_in, (0, None))(state["row_keys"], step)
@@ -183,14 +217,7 @@ def _record(state: dict, logits: jax.Array, spec: _DecodeSpec) -> dict:
 
   lengths = state["lengths"] + active.astype(jnp.int32)
   recent = jnp.concatenate([state["recent"][:, 1:], token[:, None]], axis=1)  # [B, longest stop]
-  hit_eos = jnp.zeros_like(active)
-  for eos in spec.eos_ids:
-    hit_eos = hit_eos | (token == eos)
-  hit_stop = jnp.zeros_like(active)
-  for stop in spec.stop_sequences:
-    hit_stop = hit_stop | jnp.all(recent[:, -len(stop):] == jnp.asarray(stop, jnp.int32), axis=1)
-  reason = jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, jnp.where(
-      lengths >= state["limits"], LENGTH, RUNNING)))
+  reason = end_reason(token, lengths, state["limits"], recent, spec)
   return {
       **state,
       "tokens": write(state["tokens"], token),
@@ -204,12 +231,16 @@ def _record(state: dict, logits: jax.Array, spec: _DecodeSpec) -> dict:
   }
 
 
-def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config: ModelConfig,
-             spec: _DecodeSpec):
-  """Runs the left-padded prompts [B, L] through the model and samples each row's first token."""
+def prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config: ModelConfig,
+            spec: DecodeSpec, decode_room: bool = True):
+  """Runs the left-padded prompts [B, L] through the model and samples each row's first token.
+
+  Returns the decode state; its cache holds L + max_new_tokens slots (only L without
+  `decode_room`: the continuous sampler copies the prompt part into its own cache).
+  """
   TRACE_COUNTS["prefill"] += 1
   batch, length = prompt_tokens.shape
-  cache = init_cache(config, batch, length + spec.max_new_tokens)
+  cache = init_cache(config, batch, length + (spec.max_new_tokens if decode_room else 0))
   last_hidden, cache = _chunked_prefill(config, params, prompt_tokens, prompt_mask, cache,
                                         spec.prefill_chunk_tokens)
   # Left padding puts every row's last real token in the last column: only it needs logits.
@@ -256,7 +287,7 @@ def _chunked_prefill(config: ModelConfig, params, tokens, mask, cache, chunk_tok
   return last_hiddens[-1], cache
 
 
-def _decode(params, state, *, config: ModelConfig, spec: _DecodeSpec):
+def _decode(params, state, *, config: ModelConfig, spec: DecodeSpec):
   """Feeds the last sampled token of every row and samples the next, until all rows are done."""
   TRACE_COUNTS["decode"] += 1
 
@@ -272,17 +303,18 @@ def _decode(params, state, *, config: ModelConfig, spec: _DecodeSpec):
   return jax.lax.while_loop(not_finished, one_token, state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec"))
+prefill_jit = jax.jit(prefill, static_argnames=("config", "spec", "decode_room"))
+_prefill_jit = prefill_jit  # the old name, still read by dry_run.py
 _decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnums=(1,))
 
 
-def _bucket(size: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
+def bucket(size: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
   """The smallest bucket >= size, rounded up to a multiple of `multiple_of`."""
   bucket = next(b for b in buckets if b >= size)
   return -(-bucket // multiple_of) * multiple_of
 
 
-def _batch_shards(batch_sharding) -> int:
+def batch_shards(batch_sharding) -> int:
   """How many pieces `batch_sharding` cuts the batch axis into (1 when there is none)."""
   if batch_sharding is None:
     return 1
@@ -291,7 +323,7 @@ def _batch_shards(batch_sharding) -> int:
   return len(starts)
 
 
-def _check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
+def check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
                    max_new_tokens_per_row) -> tuple[list[np.ndarray], np.ndarray]:
   """Prompts as int32 arrays and per-row token limits [N]; raises ValueError on bad input."""
   rows = [np.asarray(p) for p in prompts]
@@ -324,7 +356,7 @@ def _check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
   return [row.astype(np.int32) for row in rows], limits.astype(np.int32)
 
 
-def _left_pad(rows: list[np.ndarray], batch: int, length: int, pad_id: int):
+def left_pad(rows: list[np.ndarray], batch: int, length: int, pad_id: int):
   """rows -> tokens [batch, length] (left-padded with pad_id) and mask [batch, length] bool."""
   tokens = np.full((batch, length), pad_id, np.int32)
   mask = np.zeros((batch, length), bool)
@@ -344,26 +376,27 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
   arrays (e.g. NamedSharding(mesh, P('data'))); batch buckets are rounded up to a multiple of its
   batch shards. Params keep whatever sharding they carry.
   """
-  rows, limits = _check_prompts(config, prompts, settings, max_new_tokens_per_row)
+  if settings.slots:
+    raise ValueError(f"settings.slots={settings.slots}: this is the static sampler; continuous "
+                     "batching is gru_mem.continuous.generate (or set slots=0)")
+  rows, limits = check_prompts(config, prompts, settings, max_new_tokens_per_row)
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.PRNGKey(rng)
-  spec = _DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
-                     int(settings.top_k), settings.stop_sequences, settings.eos_ids,
-                     int(settings.pad_id), int(settings.prefill_chunk_tokens))
-  shards = _batch_shards(batch_sharding)
-  largest_batch = _bucket(settings.batch_buckets[-1], settings.batch_buckets, shards)
+  spec = decode_spec(settings)
+  shards = batch_shards(batch_sharding)
+  largest_batch = bucket(settings.batch_buckets[-1], settings.batch_buckets, shards)
   finals = []
   for start in range(0, len(rows), largest_batch):  # dispatch every batch before reading any
     chunk = rows[start:start + largest_batch]
-    batch = _bucket(len(chunk), settings.batch_buckets, shards)
-    length = _bucket(max(len(r) for r in chunk), settings.length_buckets)
-    tokens, mask = _left_pad(chunk, batch, length, settings.pad_id)
+    batch = bucket(len(chunk), settings.batch_buckets, shards)
+    length = bucket(max(len(r) for r in chunk), settings.length_buckets)
+    tokens, mask = left_pad(chunk, batch, length, settings.pad_id)
     if batch_sharding is not None:
       tokens, mask = jax.device_put((tokens, mask), batch_sharding)
     chunk_limits = np.zeros(batch, np.int32)  # dummy rows: limit 0, done from the start
     chunk_limits[:len(chunk)] = limits[start:start + len(chunk)]
     row_ids = np.arange(start, start + batch, dtype=np.int32)
-    state = _prefill_jit(params, tokens, mask, chunk_limits, row_ids, rng, config=config,
+    state = prefill_jit(params, tokens, mask, chunk_limits, row_ids, rng, config=config,
                          spec=spec)
     state = _decode_jit(params, state, config=config, spec=spec)
     del state["cache"]

@@ -61,11 +61,11 @@ for config, modes, reshard in ((model_config.preset('tiny'), ('greedy', 'sampled
                  f'{name} 2x2x2 scan={config.scan_layers}')
   assert sampling.TRACE_COUNTS['prefill'] > traces  # compiled anew for the mesh, not reused
   # ... and that program carries the model's activation constraints (not skipped on CPU).
-  spec = sampling._DecodeSpec(10, 0.0, 1.0, 0, (), (), 0)
+  spec = sampling.DecodeSpec(10, 0.0, 1.0, 0, (), (), 0)
   tokens = jax.device_put(np.ones((8, 64), np.int32), parallel.batch_sharding(mesh))
   rows = jax.device_put(np.arange(8, dtype=np.int32), parallel.batch_sharding(mesh))
   with parallel.activate(mesh):
-    hlo = sampling._prefill_jit.lower(learner_params, tokens, tokens > 0, rows, rows,
+    hlo = sampling.prefill_jit.lower(learner_params, tokens, tokens > 0, rows, rows,
                                       jax.random.PRNGKey(0), config=config, spec=spec).as_text()
   layer_bodies = 1 if config.scan_layers else config.num_layers  # a scanned body appears once
   assert hlo.count('sharding_constraint') >= 4 * layer_bodies + 2, hlo.count('sharding_constraint')
