@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from gru_mem import eval_report, runtime, sampling, train
+from gru_mem import continuous, eval_report, runtime, train
 from gru_mem.agent.prompts import PromptBuilder
 from gru_mem.agent.rollout import MODES, AgentExample, RolloutSettings, rollout, sampler_policy
 from gru_mem.data import examples as data_examples
@@ -138,8 +138,8 @@ def warm_up(model: Model, sample_settings, builder: PromptBuilder,
         key = (model.config, spec, batch, _bucket_of(length, spec.length_buckets))
         if key in _WARMED:
           continue
-        sampling.generate(model.config, model.params, [np.ones(length, np.int32)] * batch, 0,
-                          spec, max_new_tokens_per_row=np.ones(batch, np.int32))
+        continuous.generate(model.config, model.params, [np.ones(length, np.int32)] * batch, 0,
+                            spec, max_new_tokens_per_row=np.ones(batch, np.int32))
         _WARMED.add(key)
 
 
