@@ -128,7 +128,9 @@ def main():
     rows = {"static_batches_of_32": {"seconds": seconds, "rows_per_s": ROWS / seconds}}
     print(f"{name}: static {ROWS / seconds:7.2f} rows/s ({seconds:.1f} s)", flush=True)
     for refill in refills:
-      settings = dataclasses.replace(static, slots=SLOTS, refill_free_slots=refill)
+      settings = dataclasses.replace(  # groups of free slots padded to 1, 2, 4, ... 32 rows
+          static, slots=SLOTS, refill_free_slots=refill,
+          batch_buckets=sampling.SamplingSettings.batch_buckets)
       seconds, out = timed(lambda s=settings: continuous.generate(config, params, prompts, 0, s,
                                                                   row_limits), args.iterations)
       row = {"seconds": seconds, "rows_per_s": ROWS / seconds,

@@ -170,11 +170,11 @@ def _decode_slots(params, state: dict, exit_when_done, *, config: ModelConfig, s
   return _constrain(jax.lax.while_loop(keep_going, one_token, state), row_sharding)
 
 
-_STATIC = ("config", "spec", "row_sharding")
-_empty_slots_jit = jax.jit(_empty_slots, static_argnames=_STATIC[:2] + (
-    "slots", "prompt_columns", "row_sharding"))
+_empty_slots_jit = jax.jit(_empty_slots, static_argnames=(
+    "config", "spec", "slots", "prompt_columns", "row_sharding"))
 _insert_jit = jax.jit(_insert, static_argnames=("row_sharding",), donate_argnums=(0,))
-_decode_slots_jit = jax.jit(_decode_slots, static_argnames=_STATIC, donate_argnums=(1,))
+_decode_slots_jit = jax.jit(_decode_slots, static_argnames=("config", "spec", "row_sharding"),
+                            donate_argnums=(1,))
 
 
 def _row_sharding(batch_sharding) -> Optional[NamedSharding]:
