@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "tensorflow-text==2.21.1",
     "transformers==5.23.0",
     "tokenizers==0.23.3",
+    "jinja2==3.1.6",  # transformers' apply_chat_template needs it but does not require it
+    "tqdm==4.70.1",  # progress of infer and evaluate
     "ml-collections==1.1.0",
     "safetensors==0.8.0",
     "clu==0.0.12",

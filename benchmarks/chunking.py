@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -29,19 +28,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QWEN2_TOKENIZER = os.path.join(REPO, "..", "shared", "data", "qwen2_tokenizer")
 BASE_TOKENS = 100_000
 CHUNK_TOKENS = 4096
-
-
-def _rss_bytes() -> int:
-  """This process's resident memory now (VmRSS)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  raise OSError("no VmRSS in /proc/self/status")
-
-
-def _peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def load(tokenizer_name: str):
@@ -66,11 +52,11 @@ def build_document(tokenizer, target_tokens: int) -> tuple[str, list[tuple[int, 
 
 def measure(tokenizer_name: str, target_tokens: int, slice_chars: int) -> dict:
   """Builds the document and chunks it in this process; memory and time figures."""
-  from gru_mem.data import chunking
+  from gru_mem.agent import chunking
   tokenizer = load(tokenizer_name)
   text, evidence = build_document(tokenizer, target_tokens)
-  rss_before = _rss_bytes()
-  peak_before = _peak_rss_bytes()
+  rss_before = common.rss_bytes()
+  peak_before = common.peakcommon.rss_bytes()
   start = time.perf_counter()
   doc = chunking.chunk_document(text, tokenizer, CHUNK_TOKENS, evidence, slice_chars=slice_chars)
   seconds = time.perf_counter() - start
@@ -80,7 +66,7 @@ def measure(tokenizer_name: str, target_tokens: int, slice_chars: int) -> dict:
       "evidence_chunks": len(doc.evidence_chunks),
       "text_chars": len(text), "text_bytes": sys.getsizeof(text), "ids_bytes": doc.token_ids.nbytes,
       "rss_before_chunking_bytes": rss_before, "peak_rss_before_chunking_bytes": peak_before,
-      "peak_rss_bytes": _peak_rss_bytes(), "chunking_s": seconds,
+      "peak_rss_bytes": common.peakcommon.rss_bytes(), "chunking_s": seconds,
       "tokens_per_s": doc.num_tokens / seconds,
   }
 
@@ -105,7 +91,7 @@ def main():
   parser.add_argument("--child", action="store_true", help="one measurement, JSON on stdout")
   args = parser.parse_args()
   sizes = [int(t) for t in args.tokens.split(",")]
-  from gru_mem.data.chunking import SLICE_CHARS
+  from gru_mem.agent.chunking import SLICE_CHARS
   slice_chars = args.slice_chars or SLICE_CHARS
   if args.child:
     print(json.dumps(measure(args.tokenizer, sizes[0], slice_chars)))

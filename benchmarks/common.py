@@ -111,3 +111,19 @@ def save_results(name: str, figures: dict[str, Any]) -> str:
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   return path
+
+
+def rss_bytes() -> int:
+  """This process's resident memory now (VmRSS, Linux)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  raise OSError("no VmRSS in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (ru_maxrss, kB on Linux)."""
+  import resource  # pylint: disable=import-outside-toplevel
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import resource
 import statistics
 import sys
 import time
@@ -39,10 +38,11 @@ import numpy as np  # noqa: E402
 from gru_mem import gates, sampling  # noqa: E402
 from gru_mem.agent import parse  # noqa: E402
 from gru_mem.agent.prompts import PromptBuilder  # noqa: E402
-from gru_mem.agent.rollout import (MODES, AgentExample, RolloutSettings, check_budget,  # noqa: E402
+from gru_mem.agent.modes import MODES  # noqa: E402
+from gru_mem.agent.rollout import (AgentExample, RolloutSettings, check_budget,  # noqa: E402
                                    rollout, sampler_policy)
 from gru_mem.data import synthetic  # noqa: E402
-from gru_mem.data.chunking import chunk_token_ids  # noqa: E402
+from gru_mem.agent.chunking import chunk_token_ids  # noqa: E402
 from gru_mem.data.tokenizer import builtin_tokenizer  # noqa: E402
 from gru_mem.model import transformer  # noqa: E402
 from gru_mem.model.config import preset  # noqa: E402
@@ -54,19 +54,6 @@ MAX_ANSWER_TOKENS = 8
 # Every memory turn (<= ~250 tokens gated, <= ~200 memagent; checked) pads to 256 and every
 # answer turn (<= ~90) to 128, so a turn costs the same whatever the mode or the memory's length.
 LENGTH_BUCKETS = (128, 256)
-
-
-def _rss_bytes() -> int:
-  """This process's resident memory now (VmRSS)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  raise OSError("no VmRSS in /proc/self/status")
-
-
-def _peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def tiny_model(tokenizer):
@@ -125,7 +112,7 @@ def per_chunk_times(policy, tokenizer, lengths, rows: int, repeats: int) -> list
       runs[num_chunks].append({"memory_turns_s": sum(result.step_seconds),
                                "step_s": result.step_seconds,
                                "answer_turn_s": result.answer_seconds,
-                               "total_s": result.total_seconds, "rss_after_bytes": _rss_bytes()})
+                               "total_s": result.total_seconds, "rss_after_bytes": common.rss_bytes()})
   results = []
   for num_chunks in lengths:
     per_chunk = [run["memory_turns_s"] / num_chunks for run in runs[num_chunks]]
@@ -239,7 +226,7 @@ def main():
       temperature=0.0, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
       length_buckets=LENGTH_BUCKETS))
   linear = per_chunk_times(policy, tokenizer, lengths, args.rows, args.repeats)
-  peak_rss_after_linear = _peak_rss_bytes()
+  peak_rss_after_linear = common.peakcommon.rss_bytes()
   by_length = {row["num_chunks"]: row for row in linear}
   ratios = {statistic: by_length[max(lengths)][statistic] / by_length[min(lengths)][statistic]
             for statistic in ("seconds_per_chunk", "seconds_per_chunk_min", "median_step_s")}

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from gru_mem import sampling  # noqa: E402
+from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, smallest_bucket  # noqa: E402
 from gru_mem.model import hf  # noqa: E402
 
 PROMPT_TOKENS = 128
@@ -153,7 +154,7 @@ def main():
         "greedy_tokens_equal_fraction": float(np.mean(ours["tokens"] == theirs["tokens"])),
     }
     row["speedup"] = row["ours_decode_tokens_per_s"] / row["transformers_decode_tokens_per_s"]
-    cache_slots = sampling.bucket(PROMPT_TOKENS, sampling._DEFAULT_LENGTH_BUCKETS) + NEW_TOKENS
+    cache_slots = smallest_bucket(PROMPT_TOKENS, DEFAULT_LENGTH_BUCKETS) + NEW_TOKENS
     step_bytes = decode_step_bytes(config, params, batch, cache_slots)
     row["bytes_read_per_step"] = step_bytes
     step_s = ours["decode_s"] / (NEW_TOKENS - 1)

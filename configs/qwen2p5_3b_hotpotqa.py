@@ -9,7 +9,21 @@ Targets (h100x8, tpu_v5p_64), paper hyper-parameters and numerics as in qwen2p5_
 With 2 kv heads, tensor=4 keeps the k/v projections replicated over the tensor axis.
 """
 
-from configs import qwen2p5_7b_hotpotqa
+import importlib.util
+import os
+
+
+def _load_sibling(name: str):
+  """The experiment file `name`.py next to this one (config files are loaded by path, so
+  `configs` need not be an importable package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"gru_mem_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+qwen2p5_7b_hotpotqa = _load_sibling("qwen2p5_7b_hotpotqa")
 
 MODEL_PLACEHOLDER = "/path/to/Qwen2.5-3B-Instruct"  # a local HF folder; set with --config.model.hf_path
 

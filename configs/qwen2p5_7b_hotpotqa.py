@@ -22,7 +22,7 @@ bits, so 0.02 + 1e-6 rounds back to 0.02 (the spacing there is 1.2e-4). Set
 --config.model.param_dtype=bfloat16 only with a larger learning rate.
 """
 
-from configs import base
+from gru_mem import defaults as base
 
 # mesh sizes and learner rows per micro-batch (a multiple of data * fsdp) for each target
 TARGETS = {

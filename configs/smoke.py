@@ -3,7 +3,7 @@
   python -m gru_mem.train --config configs/smoke.py --workdir /tmp/smoke
 """
 
-from configs import base
+from gru_mem import defaults as base
 
 
 def get_config():

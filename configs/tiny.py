@@ -10,7 +10,7 @@ and a two-hop chain (`niah_multihop_1`), evidence anywhere. Evaluation: 8 and 32
 anywhere or in the first 20%, on held-out seeds.
 """
 
-from configs import base
+from gru_mem import defaults as base
 
 
 def get_config():
@@ -34,11 +34,11 @@ def get_config():
   c.sft.final_lr_fraction = 1.0  # constant after warmup
   c.sft.warmup_steps = 50
   c.sft.init = "fan_in"
-  c.sft.keep_plain_turns = 0.5
+  c.sft.keep_non_evidence_turns = 0.5
   # The scripted gates: greedy "always yes, never end", sampled with noise; the noise is a little
   # higher where saying no / end would be right, a prior as weak as a pretrained reader's.
   c.sft.update_noise = 0.1  # P(no) on evidence chunks
-  c.sft.update_noise_plain = 0.3  # P(no) on chunks without evidence
+  c.sft.update_noise_non_evidence = 0.3  # P(no) on chunks without evidence
   c.sft.exit_noise = 0.04  # P(end) before the memory holds all evidence
   c.sft.exit_noise_complete = 0.3  # P(end) once it does
   c.sft.save_every = 400

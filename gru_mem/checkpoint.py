@@ -159,7 +159,7 @@ class CheckpointManager:
     and the tree its structure (optax namedtuples included). Without it every array is restored
     as saved, on its saved sharding, and custom nodes come back as dicts.
     """
-    step = self._resolve_step(step)
+    step = self.resolve_step(step)
     saved_items = self._array_items(step)
     if abstract_state is None:
       items = {name: ocp.args.StandardRestore() for name in saved_items}
@@ -185,7 +185,7 @@ class CheckpointManager:
 
   def restore_params(self, step: Optional[int] = None, abstract_params: Any = None) -> Any:
     """Only the parameters of `step` (nothing else is read)."""
-    step = self._resolve_step(step)
+    step = self.resolve_step(step)
     if PARAMS not in self._array_items(step):
       raise KeyError(f"checkpoint step {step} holds no params")
     target = None if abstract_params is None else abstract_like(abstract_params)
@@ -197,12 +197,14 @@ class CheckpointManager:
     """A metadata item ('data_position' or 'config') of `step`."""
     if name not in _METADATA_ITEMS:
       raise ValueError(f"{name!r} is not a metadata item: use one of {_METADATA_ITEMS}")
-    step = self._resolve_step(step)
+    step = self.resolve_step(step)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
     return dict(restored[name] or {})
 
-  def _resolve_step(self, step: Optional[int]) -> int:
+  def resolve_step(self, step: Optional[int] = None) -> int:
+    """`step` if it is a complete checkpoint, else (None) the latest; FileNotFoundError naming
+    the folder and the steps there otherwise."""
     self._manager.wait_until_finished()
     if step is None:
       step = self.latest_step()
@@ -226,14 +228,3 @@ class CheckpointManager:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def load_params_for_export(workdir: str, step: Optional[int] = None) -> tuple[Any, dict]:
-  """(params as host numpy arrays, config dict) of a training checkpoint, reading nothing else."""
-  manager = CheckpointManager(workdir, async_save=False, read_only=True)
-  try:
-    params = manager.restore_params(step)
-    config = manager.restore_json(CONFIG, step)
-  finally:
-    manager.close()
-  return jax.tree.map(np.asarray, params), config

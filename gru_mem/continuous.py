@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gru_mem import sampling
+from gru_mem.buckets import smallest_bucket
 from gru_mem.model.config import ModelConfig
 from gru_mem.model.transformer import forward, init_cache
 from gru_mem.sampling import RUNNING, LENGTH, STOP_REASONS, TRACE_COUNTS, DecodeSpec
@@ -224,10 +225,10 @@ def _stream(config, params, rows, limits, rng, settings, spec, shards, row_shard
             batch_sharding, queue: collections.deque, out: dict) -> None:
   """The host loop of the module docstring: fills `out` [N, ...] row by row as rows finish."""
   group_buckets = tuple(b for b in settings.batch_buckets if b < settings.slots) + (settings.slots,)
-  slots = sampling.bucket(min(len(queue), settings.slots), group_buckets, shards)
+  slots = smallest_bucket(min(len(queue), settings.slots), group_buckets, multiple_of=shards)
   group_buckets = tuple(b for b in group_buckets if b < slots) + (slots,)
   refill = min(settings.refill_free_slots or max(1, slots // 4), slots)
-  prompt_columns = sampling.bucket(max(len(rows[i]) for i in queue), settings.length_buckets)
+  prompt_columns = smallest_bucket(max(len(rows[i]) for i in queue), settings.length_buckets)
   state = _empty_slots_jit(rng, config=config, spec=spec, slots=slots,
                            prompt_columns=prompt_columns, row_sharding=row_sharding)
   occupant = [-1] * slots  # the row each slot holds (-1: free)
@@ -235,8 +236,8 @@ def _stream(config, params, rows, limits, rng, settings, spec, shards, row_shard
     free = [s for s in range(slots) if occupant[s] < 0]
     if queue and free:
       group = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-      size = sampling.bucket(len(group), group_buckets, shards)
-      length = sampling.bucket(max(len(rows[i]) for i in group), settings.length_buckets)
+      size = smallest_bucket(len(group), group_buckets, multiple_of=shards)
+      length = smallest_bucket(max(len(rows[i]) for i in group), settings.length_buckets)
       tokens, mask = sampling.left_pad([rows[i] for i in group], size, length, spec.pad_id)
       if batch_sharding is not None:
         tokens, mask = jax.device_put((tokens, mask), batch_sharding)

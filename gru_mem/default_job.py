@@ -15,15 +15,16 @@ and skips finished ones (the evaluation is redone only if its results are missin
 
 from __future__ import annotations
 
-import os
+from gru_mem import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+console.quiet_startup()  # before the libraries below are imported
 
 import json
+import os
 import time
 from typing import Optional
 
-from gru_mem import evaluate, logs, sft, train
+from gru_mem import evaluate, logs, run_folder, settings, sft, train
 
 RL_CURVES = ("reward/trajectory", "reward/update", "gate/update_acc_evidence",
              "gate/update_acc_non_evidence", "gate/exit_exact", "agent/chunks_read",
@@ -53,8 +54,8 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
   unknown = wanted - {"sft", "rl", "eval"}
   if unknown:
     raise ValueError(f"stages={stages!r}: unknown {sorted(unknown)}; use any of sft,rl,eval")
-  sft.validate(config)
-  train.validate(config)
+  settings.validate_sft(config)
+  settings.validate(config)
   evaluate.cells(config.eval)
   dirs = stage_dirs(workdir)
   started = time.perf_counter()
@@ -62,7 +63,7 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
   if "sft" in wanted:
     _banner(1, f"supervised warm start, {config.sft.steps} steps -> {dirs['sft']}", started)
     stage_start = time.perf_counter()
-    if (sft.completed_steps(dirs["sft"]) or 0) >= config.sft.steps:
+    if (run_folder.completed_steps(dirs["sft"]) or 0) >= config.sft.steps:
       print("[default job] stage 1 already done: skipped")
     else:
       sft.train_sft(config, dirs["sft"])
@@ -71,7 +72,7 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
     _banner(2, f"GRU-Mem RL, {config.train.steps} steps from the stage-1 weights -> {dirs['rl']}",
             started)
     stage_start = time.perf_counter()
-    if (sft.completed_steps(dirs["rl"]) or 0) >= config.train.steps:
+    if (run_folder.completed_steps(dirs["rl"]) or 0) >= config.train.steps:
       print("[default job] stage 2 already done: skipped")
     else:
       train.train(rl_config(config, dirs["sft"]), dirs["rl"])
@@ -108,8 +109,7 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
 
 def main(argv) -> None:
   del argv
-  from absl import flags, logging
-  logging.set_verbosity(logging.WARNING)
+  from absl import flags  # pylint: disable=import-outside-toplevel
   run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.stages)
 
 

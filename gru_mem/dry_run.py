@@ -30,6 +30,10 @@ sampler's largest batch bucket, prompts of the bucket of chunk + memory + questi
 
 from __future__ import annotations
 
+from gru_mem import console
+
+console.quiet_startup(import_tensorflow=False)  # before the libraries below are imported
+
 import dataclasses
 import json
 import math
@@ -46,10 +50,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gru_mem import parallel, sampling
-from gru_mem.model import hf, transformer
-from gru_mem.model.config import ModelConfig, from_hf_config, preset
-from gru_mem.rl import learner
+from gru_mem import parallel, runtime, sampling
+from gru_mem import settings as run_settings
+from gru_mem.buckets import smallest_bucket
+from gru_mem.model import transformer
+from gru_mem.model.config import ModelConfig
+from gru_mem.rl import batch as rl_batch
+from gru_mem.rl import learner, optim
 
 QUESTION_ALLOWANCE_TOKENS = 512  # question + prompt template around chunk and memory
 GIB = 2 ** 30
@@ -71,20 +78,17 @@ class DryRunShapes:
 
 
 def dry_run_model_config(config) -> tuple[ModelConfig, str]:
-  """(ModelConfig, where its shape came from): model.hf_path's config.json if the folder exists,
-  else model.preset (vocab from model.vocab_size when set). Dtypes, scan and remat from config."""
+  """(ModelConfig, where its shape came from): `runtime.model_config_from`, with model.hf_path's
+  config.json when the folder exists, else the preset (no tokenizer, so its vocab stands)."""
   m = config.model
-  overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
-                   remat_policy=m.remat_policy)
   if m.hf_path and os.path.isfile(os.path.join(m.hf_path, "config.json")):
-    return from_hf_config(hf.read_hf_config(m.hf_path), **overrides), f"{m.hf_path}/config.json"
-  model_config = preset(m.preset, **overrides)
-  if m.vocab_size:
-    model_config = model_config.replace(vocab_size=m.vocab_size)
+    return runtime.model_config_from(config), f"{m.hf_path}/config.json"
+  shape_config = config.copy_and_resolve_references()
+  shape_config.model.hf_path = ""
   where = f"preset {m.preset!r}"
   if m.hf_path:
     where += f" (model.hf_path {m.hf_path!r} has no config.json)"
-  return model_config, where
+  return runtime.model_config_from(shape_config), where
 
 
 def mesh_device_count(mesh_config, devices: Optional[int] = None) -> int:
@@ -111,13 +115,6 @@ def fake_cpu_devices(count: int) -> list:
   return devices[:count]
 
 
-def _length_bucket(tokens: int, buckets, what: str) -> int:
-  for bucket in buckets:
-    if bucket >= tokens:
-      return bucket
-  raise ValueError(f"{what} of {tokens} tokens exceeds the largest length bucket {buckets[-1]}")
-
-
 def default_shapes(config, settings: learner.LearnerSettings, mesh) -> DryRunShapes:
   """The shapes a real step of `config` runs at (see the module docstring)."""
   a = config.agent
@@ -126,14 +123,14 @@ def default_shapes(config, settings: learner.LearnerSettings, mesh) -> DryRunSha
   shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
   sampler_settings = sampling.SamplingSettings()
   rollouts = min(config.rl.prompts_per_step * config.rl.group_size, config.sampling.max_batch_rows)
-  batch = next((b for b in sampler_settings.batch_buckets if b >= rollouts),
-               sampler_settings.batch_buckets[-1])
+  batch = min(smallest_bucket(rollouts, sampler_settings.batch_buckets, beyond_largest="size"),
+              sampler_settings.batch_buckets[-1])
   return DryRunShapes(
       rows=settings.micro_batch_rows,
-      length=_length_bucket(prompt + response, settings.length_buckets, "a learner row"),
-      response=_length_bucket(response, settings.length_buckets, "a response"),
+      length=smallest_bucket(prompt + response, settings.length_buckets, "a learner row"),
+      response=smallest_bucket(response, settings.length_buckets, "a response"),
       sampler_batch=-(-batch // shards) * shards,
-      sampler_prompt=_length_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
+      sampler_prompt=smallest_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
       sampler_new_tokens=a.max_response_tokens,
       sampler_prefill_chunk=config.sampling.prefill_chunk_tokens)
 
@@ -148,12 +145,12 @@ def abstract_train_state(model_config: ModelConfig, settings: learner.LearnerSet
   """The TrainState as ShapeDtypeStructs with `learner.state_shardings`; allocates nothing."""
   shardings = learner.state_shardings(model_config, settings, mesh)
   params = nn.meta.unbox(transformer.abstract_params(model_config))
-  opt_state = jax.eval_shape(learner.make_optimizer(settings).init, params)
+  opt_state = jax.eval_shape(optim.make_optimizer(settings).init, params)
   step = jax.ShapeDtypeStruct((), jnp.int32)
   return _abstract(learner.TrainState(params, opt_state, step), shardings)
 
 
-def abstract_batch(shapes: DryRunShapes, mesh, with_ref: bool) -> learner.Batch:
+def abstract_batch(shapes: DryRunShapes, mesh, with_ref: bool) -> rl_batch.Batch:
   """One micro-batch laid out as `learner.shard_batch` places it (rows over data/fsdp)."""
   split = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
   rows, length, response = shapes.rows, shapes.length, shapes.response
@@ -161,7 +158,7 @@ def abstract_batch(shapes: DryRunShapes, mesh, with_ref: bool) -> learner.Batch:
   def array(shape, dtype):
     return jax.ShapeDtypeStruct((1, rows, *shape), dtype, sharding=split)
 
-  return learner.Batch(
+  return rl_batch.Batch(
       tokens=array((length,), jnp.int32), input_mask=array((length,), jnp.bool_),
       predict_positions=array((response,), jnp.int32),
       response_tokens=array((response,), jnp.int32), response_mask=array((response,), jnp.bool_),
@@ -189,15 +186,11 @@ def _memory(compiled) -> dict:
 
 
 def compile_train_step(model_config: ModelConfig, settings: learner.LearnerSettings, mesh,
-                       state: learner.TrainState, batch: learner.Batch):
-  """(compiled train step, seconds to lower + compile). The jit mirrors
-  `learner.make_train_step` (same function, donation and output shardings), traced under
+                       state: learner.TrainState, batch: rl_batch.Batch):
+  """(compiled train step, seconds to lower + compile): the very jitted function that
+  `learner.make_train_step` runs (donation, output shardings), traced under
   `parallel.activate(mesh)` so the model's activation constraints are in the program."""
-  replicated = NamedSharding(mesh, P())
-  step = jax.jit(lambda s, b: learner._train_step(s, b, config=model_config,  # pylint: disable=protected-access
-                                                  settings=settings),
-                 donate_argnums=0,
-                 out_shardings=(learner.state_shardings(model_config, settings, mesh), replicated))
+  step = learner.train_step_jit(model_config, settings, mesh)
   start = time.perf_counter()
   with parallel.activate(mesh):
     compiled = step.lower(state, batch).compile()
@@ -219,7 +212,7 @@ def abstract_kv_cache(model_config: ModelConfig, shapes: DryRunShapes, mesh) -> 
 def compile_sampler_prefill(model_config: ModelConfig, params, shapes: DryRunShapes, mesh):
   """(compiled prefill of `sampling.generate`, seconds): one batch of left-padded prompts,
   split over data/fsdp, with the learner's parameter layout."""
-  spec = sampling._DecodeSpec(  # pylint: disable=protected-access
+  spec = sampling.DecodeSpec(
       max_new_tokens=shapes.sampler_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
       stop_sequences=(), eos_ids=(0,), pad_id=0, prefill_chunk_tokens=shapes.sampler_prefill_chunk)
   rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
@@ -233,8 +226,7 @@ def compile_sampler_prefill(model_config: ModelConfig, params, shapes: DryRunSha
           jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
   start = time.perf_counter()
   with parallel.activate(mesh):
-    compiled = sampling._prefill_jit.lower(  # pylint: disable=protected-access
-        *args, config=model_config, spec=spec).compile()
+    compiled = sampling.prefill_jit.lower(*args, config=model_config, spec=spec).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -245,9 +237,8 @@ def run(config, devices: Optional[int] = None, shapes: Optional[dict] = None,
         sampler: bool = True, out_path: Optional[str] = None, verbose: bool = True) -> dict:
   """Builds the abstract state, compiles, prints the report and returns it as a dict (also
   written as JSON to `out_path`). `shapes` overrides fields of `default_shapes`."""
-  from gru_mem import train  # pylint: disable=import-outside-toplevel  (train imports us lazily)
   model_config, model_source = dry_run_model_config(config)
-  settings = train.learner_settings(config)
+  settings = run_settings.learner_settings(config)
   count = mesh_device_count(config.mesh, devices)
   mesh = parallel.mesh_from_config(config.mesh, devices=fake_cpu_devices(count))
   dims = dataclasses.replace(default_shapes(config, settings, mesh), **(shapes or {}))

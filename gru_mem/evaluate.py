@@ -25,29 +25,31 @@ plots (accuracy vs length, time vs length, memory length vs step); see `eval_rep
 
 from __future__ import annotations
 
-import os
+from gru_mem import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+console.quiet_startup()  # before the libraries below are imported
 
 import dataclasses
 import itertools
 import json
+import os
 import platform
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
+import tqdm
 
-from gru_mem import continuous, eval_report, runtime, train
+from gru_mem import buckets, continuous, eval_report, runtime, settings
+from gru_mem.agent import modes
 from gru_mem.agent.prompts import PromptBuilder
-from gru_mem.agent.rollout import MODES, AgentExample, RolloutSettings, rollout, sampler_policy
-from gru_mem.data import examples as data_examples
+from gru_mem.agent.rollout import AgentExample, RolloutSettings, rollout, sampler_policy
+from gru_mem.data import sources
 from gru_mem.data import synthetic
 from gru_mem.rl import episodes
 
-REAL_TASKS = data_examples.REAL_TASKS
+REAL_TASKS = sources.REAL_TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,26 +118,28 @@ def held_out_examples(config, tokenizer, cell: Cell) -> list:
 
 
 def warm_up(model: Model, sample_settings, builder: PromptBuilder,
-            agent_examples: Sequence[AgentExample], settings: RolloutSettings,
+            agent_examples: Sequence[AgentExample], rollout_settings: RolloutSettings,
             batch_size: int) -> None:
   """Compiles the sampler for every batch bucket up to `batch_size` and every prompt-length
   bucket that these examples' memory and answer turns can reach, so no compilation lands inside
   a timed rollout. Each dummy row decodes a single token."""
   longest_question = max(len(e.question_ids) for e in agent_examples)
   longest_chunk = max(len(e.chunks.chunk(0)) for e in agent_examples)
+  memory = rollout_settings.memory_tokens
   prompt_lengths = {  # the shortest and longest prompts of each kind (their buckets may differ)
-      settings.max_response_tokens: (builder.turn_overhead_tokens,
-                                     builder.turn_overhead_tokens + longest_question
-                                     + settings.memory_tokens + longest_chunk),
-      settings.max_answer_tokens: (builder.answer_overhead_tokens,
-                                   builder.answer_overhead_tokens + longest_question
-                                   + settings.memory_tokens)}
+      rollout_settings.max_response_tokens: (
+          builder.turn_overhead_tokens,
+          builder.turn_overhead_tokens + longest_question + memory + longest_chunk),
+      rollout_settings.max_answer_tokens: (
+          builder.answer_overhead_tokens,
+          builder.answer_overhead_tokens + longest_question + memory)}
   batches = sorted({min(2 ** i, batch_size) for i in range(batch_size.bit_length() + 1)})
   for max_new, (shortest, longest) in prompt_lengths.items():
     spec = dataclasses.replace(sample_settings, max_new_tokens=max_new)
     for length in sorted(set(range(shortest, longest + 1, 64)) | {longest}):
       for batch in batches:
-        key = (model.config, spec, batch, _bucket_of(length, spec.length_buckets))
+        bucket = buckets.smallest_bucket(length, spec.length_buckets, beyond_largest="size")
+        key = (model.config, spec, batch, bucket)
         if key in _WARMED:
           continue
         continuous.generate(model.config, model.params, [np.ones(length, np.int32)] * batch, 0,
@@ -146,25 +150,22 @@ def warm_up(model: Model, sample_settings, builder: PromptBuilder,
 _WARMED: set = set()  # (model config, sampling settings, batch, length bucket) already compiled
 
 
-def _bucket_of(size: int, buckets: Sequence[int]) -> int:
-  return next((b for b in buckets if b >= size), size)
-
-
 def run_cell(model: Model, mode: str, config, examples: Sequence, batch_size: int) -> dict:
   """Reads `examples` with `model` in `mode` (greedy) and summarises the trajectories."""
   tokenizer = model.tokenizer
-  settings = dataclasses.replace(train.rollout_settings(config, group_size=1), mode=mode)
+  rollout_settings = settings.rollout_settings(config, group_size=1, mode=mode)
   builder = PromptBuilder(tokenizer, mode)
-  sample_settings = train.sampling_settings(config, tokenizer,
-                                            temperature=config.sampling.eval_temperature)
+  sample_settings = settings.sampling_settings(config, tokenizer,
+                                               temperature=config.sampling.eval_temperature)
   policy = sampler_policy(model.config, model.params, sample_settings)
   agent_examples = [AgentExample.from_example(e, tokenizer, config.agent.chunk_tokens)
                     for e in examples]
-  warm_up(model, sample_settings, builder, agent_examples, settings, batch_size)
+  warm_up(model, sample_settings, builder, agent_examples, rollout_settings, batch_size)
   trajectories, seconds = [], 0.0
   for start in range(0, len(agent_examples), batch_size):
     batch = agent_examples[start:start + batch_size]
-    result = rollout(policy, builder, tokenizer, batch, jax.random.PRNGKey(start), settings)
+    result = rollout(policy, builder, tokenizer, batch, jax.random.PRNGKey(start),
+                     rollout_settings)
     trajectories += result.trajectories
     seconds += result.total_seconds
   return summarize(trajectories, agent_examples, config, mode, seconds)
@@ -172,9 +173,8 @@ def run_cell(model: Model, mode: str, config, examples: Sequence, batch_size: in
 
 def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -> dict:
   """The numbers of one (cell, run) from its trajectories (one per example)."""
-  arrays = episodes.group_arrays(trajectories, agent_examples, 1, config.rl.answer_match)
-  signal = episodes.compute_rewards_and_advantages(arrays, config.rl, mode)
-  metrics = episodes.rollout_metrics(arrays, signal)
+  scored = episodes.score_rollout(trajectories, agent_examples, 1, config.rl, mode)
+  arrays, metrics = scored.arrays, scored.metrics
   alive = arrays.alive[:, 0]  # [examples, steps]
   memory = np.where(alive, arrays.memory_length[:, 0], 0)
   steps_alive = np.maximum(alive.sum(0), 1)
@@ -203,13 +203,12 @@ def runs(eval_config, models: dict) -> list[tuple[str, str]]:
   """(model label, mode) pairs: the main model in every `eval.modes`, the baseline model (if
   loaded) in `eval.baseline_modes`."""
   pairs = []
-  for label, modes in (("gru_mem", eval_config.modes), ("stage1", eval_config.baseline_modes)):
+  for label, mode_names in (("gru_mem", eval_config.modes),
+                            ("stage1", eval_config.baseline_modes)):
     if label not in models:
       continue
-    for mode in _csv(modes):
-      if mode not in MODES:
-        raise ValueError(f"eval mode {mode!r} is unknown: use one of {MODES}")
-      pairs.append((label, mode))
+    for mode in _csv(mode_names):
+      pairs.append((label, modes.check_mode(mode, "eval mode")))
   return pairs
 
 
@@ -225,22 +224,23 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
       _check_real(config, cell)
   os.makedirs(out_dir, exist_ok=True)
   results = {"cells": [], "meta": run_meta(config, command)}
-  started = time.perf_counter()
-  total = len(grid) * len(pairs)
-  done = 0
+  progress = tqdm.tqdm(total=len(grid) * len(pairs), desc="[eval] cells", unit="cell",
+                       file=sys.stderr, dynamic_ncols=True)
   for cell in grid:
     tokenizer = next(iter(models.values())).tokenizer
     examples = held_out_examples(config, tokenizer, cell)
     for label, mode in pairs:
+      progress.set_postfix_str(f"{cell.name} {label}/{mode}")
       summary = run_cell(models[label], mode, config, examples, config.eval.batch_size)
       results["cells"].append({"task": cell.task, "length": cell.length,
                                "evidence_depth": cell.evidence_depth, "model": label,
                                "mode": mode, **summary})
-      done += 1
-      print(f"[eval {done}/{total}] {cell.name} {label}/{mode}: acc {summary['accuracy']:.3f} "
-            f"time {summary['seconds']:.1f}s chunks {summary['chunks_read']:.1f}/"
-            f"{summary['num_chunks']:.0f} exact-exit {summary['exit_exact']:.2f} "
-            f"| elapsed {time.perf_counter() - started:.0f}s", flush=True)
+      progress.write(f"[eval] {cell.name} {label}/{mode}: acc {summary['accuracy']:.3f} "
+                     f"time {summary['seconds']:.1f}s chunks {summary['chunks_read']:.1f}/"
+                     f"{summary['num_chunks']:.0f} exact-exit {summary['exit_exact']:.2f}",
+                     file=sys.stdout)
+      progress.update(1)
+  progress.close()
   results["checks"] = eval_report.default_job_checks(results["cells"], config.eval)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
@@ -280,8 +280,7 @@ def load_models(workdir: Optional[str], hf_model: Optional[str],
 
 def main(argv) -> None:
   del argv
-  from absl import flags, logging
-  logging.set_verbosity(logging.WARNING)
+  from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   if bool(f.workdir) == bool(f.hf_model):
     raise ValueError("give exactly one of --workdir (a training run) or --hf_model (an HF folder)")

@@ -10,11 +10,12 @@ An existing `--out` is replaced only when it is empty or an earlier HF export, o
 
 from __future__ import annotations
 
-import os
+from gru_mem import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio/clu import TensorFlow: keep it quiet
+console.quiet_startup(import_tensorflow=False)  # before the libraries below are imported
 
 import json
+import os
 import sys
 from typing import Optional
 
@@ -66,26 +67,6 @@ def check_out_dir(out: str, workdir: str, overwrite: bool) -> None:
                      "or new folder, or pass --overwrite to replace it")
 
 
-def resolve_step(workdir: str, step: Optional[int]) -> int:
-  """The checkpoint step to export: `step` if the run has it, else its latest."""
-  from gru_mem import checkpoint
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"--workdir {workdir} has no checkpoints/ folder: pass the folder of "
-                            "a training run")
-  manager = checkpoint.CheckpointManager(workdir, read_only=True)
-  try:
-    if step is None:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"--workdir {workdir}: no complete checkpoint to export")
-    elif step not in manager.all_steps():
-      raise FileNotFoundError(f"--workdir {workdir} has no checkpoint for --step {step}; "
-                              f"available: {manager.all_steps()}")
-  finally:
-    manager.close()
-  return int(step)
-
-
 def check_tokenizer_roundtrip(out: str, tokenizer) -> None:
   """`AutoTokenizer.from_pretrained(out)` must give the run's ids (see DESIGN.md, Known traps)."""
   import transformers
@@ -103,12 +84,13 @@ def export(workdir: str, out: str, step: Optional[int] = None, dtype: str = "flo
            overwrite: bool = False) -> tuple[str, int]:
   """Writes checkpoint `step` (default: the latest) of `workdir` to the HF folder `out`, weights
   stored as `dtype`. Returns (the absolute folder, the step exported)."""
-  from gru_mem import runtime
-  from gru_mem.model import hf
+  from gru_mem import run_folder  # pylint: disable=import-outside-toplevel
+  from gru_mem.model import hf  # pylint: disable=import-outside-toplevel
   check_dtype(dtype)
-  step = resolve_step(workdir, step)
+  step = run_folder.resolve_step(workdir, step)
   check_out_dir(out, workdir, overwrite)
-  model_config, params, tokenizer, _ = runtime.load_run(workdir, step)
+  info, params = run_folder.load_run(workdir, step)
+  model_config, tokenizer = info.model_config, info.tokenizer
   np_dtype = np.dtype(jnp.dtype(DTYPES[dtype]))
   params = jax.tree.map(lambda x: np.asarray(x).astype(np_dtype), params)
   model_config = model_config.replace(param_dtype=dtype)
@@ -118,10 +100,9 @@ def export(workdir: str, out: str, step: Optional[int] = None, dtype: str = "flo
 
 
 def main(argv):
-  from absl import app, flags, logging
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   F = flags.FLAGS
   try:
     folder, step = export(F.workdir, F.out, F.step, F.dtype, F.overwrite)

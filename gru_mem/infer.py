@@ -15,12 +15,13 @@ budget) fails with a message before any weights are read or anything is compiled
 
 from __future__ import annotations
 
-import os
+from gru_mem import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # seqio/clu import TensorFlow: keep it quiet
+console.quiet_startup(import_tensorflow=False)  # before the libraries below are imported
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -28,17 +29,17 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from gru_mem import gates, sampling
+from gru_mem import gates, run_folder, sampling, settings
+from gru_mem.agent import modes
+from gru_mem.agent.chunking import chunk_document
 from gru_mem.agent.prompts import PromptBuilder
-from gru_mem.agent.rollout import (MODES, AgentExample, Policy, RolloutSettings, check_budget,
-                                   rollout, sampler_policy)
-from gru_mem.data.chunking import chunk_document
+from gru_mem.agent.rollout import (AgentExample, Policy, RolloutSettings, check_budget, rollout,
+                                   sampler_policy)
 from gru_mem.data.tokenizer import Tokenizer
 from gru_mem.model.config import ModelConfig
 
-# The agent settings a run's config may give, with the paper's values as fallbacks.
-AGENT_DEFAULTS = {"mode": "gru_mem", "chunk_tokens": 5000, "memory_tokens": 1024,
-                  "max_response_tokens": 1536, "max_answer_tokens": 256}
+# The agent settings a run's config may give; the defaults (the paper's values) fill the rest.
+AGENT_DEFAULTS = settings.agent_defaults()
 
 _UPDATE_NAMES = {value: word for word, value in gates.UPDATE_WORDS.items()}
 _EXIT_NAMES = {value: word for word, value in gates.EXIT_WORDS.items()}
@@ -73,8 +74,7 @@ def read_document(path: str) -> str:
 def agent_settings(mode: str, chunk_tokens: int, memory_tokens: int, max_response_tokens: int,
                    max_answer_tokens: int) -> RolloutSettings:
   """One sample per question; checks the mode and that every size is >= 1."""
-  if mode not in MODES:
-    raise ValueError(f"--mode={mode!r}: use one of {MODES}")
+  modes.check_mode(mode, "--mode")
   if int(chunk_tokens) != chunk_tokens or chunk_tokens < 1:
     raise ValueError(f"--chunk_tokens={chunk_tokens}: must be an integer >= 1")
   return RolloutSettings(mode=mode, memory_tokens=memory_tokens,
@@ -117,13 +117,15 @@ def answer_question(model_config: ModelConfig, params: Any, tokenizer: Tokenizer
                     max_answer_tokens: int = AGENT_DEFAULTS["max_answer_tokens"],
                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                     trace_fn: Optional[Callable[[dict], None]] = None,
-                    policy: Optional[Policy] = None) -> dict:
+                    policy: Optional[Policy] = None,
+                    progress_fn: Optional[Callable[[int, int], None]] = None) -> dict:
   """Reads `document_text` chunk by chunk and answers `question`.
 
   Returns {answer (the last \\boxed{} of the answer turn, None when absent), chunks_read,
   num_chunks, said_end (the exit gate stopped reading), seconds (wall time, tokenizing
   included), turns (one `turn_record` per chunk read), answer_response (the answer turn's text)}.
-  `trace_fn(record)` is called after each memory turn. `policy` replaces the model's sampler
+  `trace_fn(record)` is called after each memory turn, `progress_fn(chunks_read, num_chunks)`
+  once the document is chunked and after each memory turn. `policy` replaces the model's sampler
   (tests script responses with it). Settings and budget are checked before the document is
   tokenized or anything is compiled.
   """
@@ -141,6 +143,8 @@ def answer_question(model_config: ModelConfig, params: Any, tokenizer: Tokenizer
         eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
     policy = sampler_policy(model_config, params, sample_settings)
   chunks = chunk_document(document_text, tokenizer, chunk_tokens)  # the one tokenization
+  if progress_fn is not None:
+    progress_fn(0, chunks.num_chunks)
   example = AgentExample(question_ids, chunks, example_id="document")
   turns: list[dict] = []
 
@@ -150,6 +154,8 @@ def answer_question(model_config: ModelConfig, params: Any, tokenizer: Tokenizer
     turns.append(record)
     if trace_fn is not None:
       trace_fn(record)
+    if progress_fn is not None:
+      progress_fn(len(turns), chunks.num_chunks)
 
   result = rollout(policy, builder, tokenizer, [example], jax.random.PRNGKey(seed), settings,
                    on_turn=on_turn)
@@ -187,26 +193,13 @@ class Request:
 def model_spec(hf_model: Optional[str], workdir: Optional[str], step: Optional[int]
                ) -> tuple[ModelConfig, Tokenizer, dict]:
   """(model config, tokenizer, the run's agent config or {}) without reading any weights."""
-  from gru_mem import checkpoint, runtime
-  from gru_mem.data.tokenizer import builtin_tokenizer, load_tokenizer
-  from gru_mem.model import hf
-  from gru_mem.model.config import from_hf_config
+  from gru_mem.data.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  from gru_mem.model import hf  # pylint: disable=import-outside-toplevel
+  from gru_mem.model.config import from_hf_config  # pylint: disable=import-outside-toplevel
   if hf_model:
     return from_hf_config(hf.read_hf_config(hf_model)), load_tokenizer(hf_model), {}
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"--workdir {workdir} has no checkpoints/ folder: pass the folder "
-                            "of a training run (or --hf_model for an HF folder)")
-  manager = checkpoint.CheckpointManager(workdir, read_only=True)
-  try:
-    metadata = manager.restore_json(checkpoint.CONFIG, step)
-  finally:
-    manager.close()
-  if "model_config" not in metadata:
-    raise ValueError(f"--workdir {workdir}: the checkpoint's config item has no model_config")
-  tokenizer_dir = os.path.join(workdir, runtime.TOKENIZER_DIR)
-  tokenizer = load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else builtin_tokenizer()
-  agent = dict(metadata.get("experiment", {}).get("agent", {}))
-  return ModelConfig(**metadata["model_config"]), tokenizer, agent
+  info = run_folder.read_run(workdir, step)
+  return info.model_config, info.tokenizer, dict(info.experiment.get("agent", {}))
 
 
 def prepare(hf_model: Optional[str], workdir: Optional[str], step: Optional[int],
@@ -223,8 +216,8 @@ def prepare(hf_model: Optional[str], workdir: Optional[str], step: Optional[int]
   unknown = set(agent_flags) - set(AGENT_DEFAULTS)
   if unknown:
     raise TypeError(f"prepare: unknown settings {sorted(unknown)}")
-  if agent_flags.get("mode") is not None and agent_flags["mode"] not in MODES:
-    raise ValueError(f"--mode={agent_flags['mode']!r}: use one of {MODES}")
+  if agent_flags.get("mode") is not None:
+    modes.check_mode(agent_flags["mode"], "--mode")
   for name, value in agent_flags.items():
     if name != "mode" and value is not None and (int(value) != value or value < 1):
       raise ValueError(f"--{name}={value}: must be an integer >= 1")
@@ -243,15 +236,37 @@ def prepare(hf_model: Optional[str], workdir: Optional[str], step: Optional[int]
   return Request(document_text, question.strip(), agent)
 
 
-def _print_turn(record: dict) -> None:
-  print(format_trace_line(record), flush=True)
+class ChunkProgress:
+  """`progress_fn` for answer_question: "chunk i/N, elapsed, ETA" on stderr (tqdm), one bar for
+  the memory turns; the answer turn follows the bar's end."""
+
+  def __init__(self):
+    self.bar = None
+
+  def __call__(self, done: int, total: int) -> None:
+    import tqdm  # pylint: disable=import-outside-toplevel
+    if self.bar is None:
+      self.bar = tqdm.tqdm(total=total, desc="[infer] reading", unit="chunk", file=sys.stderr,
+                           dynamic_ncols=True)
+    self.bar.update(done - self.bar.n)
+    if done == total:
+      self.close()
+
+  def write(self, line: str) -> None:
+    if self.bar is None:
+      print(line, flush=True)
+    else:
+      self.bar.write(line, file=sys.stdout)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
 
 
 def main(argv):
-  from absl import app, flags, logging
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads at INFO
   F = flags.FLAGS
   try:
     request = prepare(F.hf_model, F.workdir, F.step, F.document, F.question, mode=F.mode,
@@ -263,10 +278,15 @@ def main(argv):
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  result = answer_question(model_config, params, tokenizer, request.document_text,
-                           request.question, temperature=F.temperature, top_p=F.top_p,
-                           seed=F.seed, trace_fn=_print_turn if F.trace else None,
-                           **request.agent)
+  progress = ChunkProgress()
+  try:
+    result = answer_question(
+        model_config, params, tokenizer, request.document_text, request.question,
+        temperature=F.temperature, top_p=F.top_p, seed=F.seed, progress_fn=progress,
+        trace_fn=(lambda record: progress.write(format_trace_line(record))) if F.trace else None,
+        **request.agent)
+  finally:
+    progress.close()
   print(format_summary(result), flush=True)
 
 
@@ -277,7 +297,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "with --workdir: the checkpoint step to load")
   flags.DEFINE_string("document", None, "a UTF-8 text file of any length")
   flags.DEFINE_string("question", None, "the question to answer about the document")
-  flags.DEFINE_string("mode", None, f"one of {MODES} (default: the run's, else gru_mem)")
+  flags.DEFINE_string("mode", None, f"one of {modes.MODES} (default: the run's, else gru_mem)")
   flags.DEFINE_integer("chunk_tokens", None, "tokens per chunk (default: the run's, else 5000)")
   flags.DEFINE_integer("memory_tokens", None, "memory cap in tokens (default: the run's, else "
                        "1024)")

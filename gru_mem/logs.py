@@ -60,8 +60,8 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def _format_value(value: float) -> str:
   if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-    return f"{value:.3e}"
-  return f"{value:.4g}"
+    return f"{value:.2e}"
+  return f"{value:.3g}"
 
 
 class MetricLogger:
@@ -69,12 +69,14 @@ class MetricLogger:
   `step 120/1000 (12.0%) | 2.31 steps/s 4.1k tok/s | elapsed 52s | ETA 6m21s | loss 0.1234`.
 
   Rates are measured over the last `rate_window` calls; `tokens` passed to `log` are the tokens
-  processed since the previous call. `console_keys` picks the metrics shown (default: all).
+  processed since the previous call. `console_keys` picks the metrics shown (default: all), as
+  names or as a {name: short label} mapping that keeps the line within a terminal's width.
   `start_step` is the step a resumed run starts from, so its first rate is right.
   """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               console_keys: Optional[Sequence[str]] = None, rate_window: int = 20,
+               console_keys: Optional[Mapping[str, str] | Sequence[str]] = None,
+               rate_window: int = 20,
                stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic):
     if total_steps < 1:
       raise ValueError(f"total_steps={total_steps}: must be >= 1")
@@ -82,7 +84,9 @@ class MetricLogger:
       raise ValueError(f"rate_window={rate_window}: must be >= 1")
     from clu import metric_writers  # imports TensorFlow: only when a logger is made
     self.total_steps = total_steps
-    self.console_keys = None if console_keys is None else list(console_keys)
+    if console_keys is not None and not isinstance(console_keys, Mapping):
+      console_keys = {key: key for key in console_keys}
+    self.console_keys = None if console_keys is None else dict(console_keys)
     self.is_writer = jax.process_index() == 0
     self._stream = stream or sys.stdout
     self._clock = clock
@@ -133,16 +137,17 @@ class MetricLogger:
 
   def progress_line(self, step: int, scalars: Mapping[str, float], steps_per_sec: Optional[float],
                     tokens_per_sec: Optional[float], now: float) -> str:
-    parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)"]
+    """`step 12/100 (12%) | 0.5 steps/s 1.2k tok/s | elapsed 24s | ETA 2m56s | loss 1.25`: the
+    shown metrics are `console_keys` (a name -> label mapping, or names shown as they are)."""
     rate = "? steps/s" if steps_per_sec is None else f"{steps_per_sec:.3g} steps/s"
     if tokens_per_sec is not None:
       rate += f" {_format_count(tokens_per_sec)} tok/s"
-    parts.append(rate)
-    parts.append(f"elapsed {format_duration(now - self._start_time)}")
     eta = None if not steps_per_sec else max(self.total_steps - step, 0) / steps_per_sec
-    parts.append(f"ETA {format_duration(eta)}")
-    keys = self.console_keys if self.console_keys is not None else list(scalars)
-    shown = [f"{k} {_format_value(scalars[k])}" for k in keys if k in scalars]
+    parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.0f}%)", rate,
+             f"elapsed {format_duration(now - self._start_time)}", f"ETA {format_duration(eta)}"]
+    labels = self.console_keys if self.console_keys is not None else {k: k for k in scalars}
+    shown = [f"{label} {_format_value(scalars[key])}" for key, label in labels.items()
+             if key in scalars]
     if shown:
       parts.append(" ".join(shown))
     return " | ".join(parts)

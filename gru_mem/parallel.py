@@ -13,9 +13,9 @@ most once per array, so for activations `[batch, length, embed]` the batch takes
 A dim whose size is not divisible by its mesh axes is replicated instead (e.g. 2 kv heads on a
 tensor axis of 4); `fit_spec_to_shape` does this for every sharding computed for a concrete shape.
 
-Typical use:
+Typical use (`model.shardings.param_shardings(config, mesh)` reads the model's axis names):
   mesh = make_mesh(data=-1, fsdp=2, tensor=1)
-  shardings = param_shardings(model_config, mesh)
+  shardings = boxed_shardings(transformer.abstract_params(model_config), mesh)
   params = shard_params(params, shardings)
   with activate(mesh):               # activation constraints in the model now apply
     logits = jax.jit(step)(params, shard_batch(batch, mesh))
@@ -32,9 +32,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-
-from gru_mem.model import transformer
-from gru_mem.model.config import ModelConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -157,23 +154,9 @@ def boxed_shardings(boxed_tree: Any, mesh: Mesh,
                       mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
 
 
-def param_shardings(config: ModelConfig, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = RULES) -> Any:
-  """NamedShardings for `transformer.init_params(config, ...)`, from the logical axes that each
-  parameter is created with. Allocates nothing."""
-  return boxed_shardings(transformer.abstract_params(config), mesh, rules)
-
-
 def shard_params(params: Any, shardings: Any) -> Any:
   """Places each parameter according to its sharding."""
   return jax.device_put(params, shardings)
-
-
-def init_sharded_params(config: ModelConfig, rng: jax.Array, mesh: Mesh,
-                        rules: Sequence[tuple[str, Any]] = RULES) -> Any:
-  """Random parameters created directly in their shards (no full copy on one device)."""
-  shardings = param_shardings(config, mesh, rules)
-  return jax.jit(lambda r: transformer.init_params(config, r), out_shardings=shardings)(rng)
 
 
 def optimizer_state_shardings(tx, abstract_params: Any, param_shardings_tree: Any) -> Any:
@@ -207,24 +190,32 @@ def optimizer_state_shardings(tx, abstract_params: Any, param_shardings_tree: An
 # ----------------------------------------------------------------------------- batches
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) dim split over `('data', 'fsdp')`, the other dims replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_axis: int = 0) -> NamedSharding:
+  """Dim `batch_axis` split over `('data', 'fsdp')`, the other dims replicated."""
+  return NamedSharding(mesh, P(*(None,) * batch_axis, BATCH_AXES))
 
 
-def _check_batch_divisible(tree: Any, mesh: Mesh, what: str) -> None:
+def _check_batch_divisible(tree: Any, mesh: Mesh, what: str, batch_axis: int = 0) -> None:
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   for leaf in jax.tree.leaves(tree):
-    if np.ndim(leaf) == 0 or np.shape(leaf)[0] % shards:
+    if np.ndim(leaf) == 0 and batch_axis > 0:
+      continue  # a scalar (e.g. a row count) is replicated
+    if np.ndim(leaf) <= batch_axis or np.shape(leaf)[batch_axis] % shards:
       raise ValueError(
-          f"{what}: leading dim of shape {np.shape(leaf)} is not divisible by data*fsdp = "
+          f"{what}: dim {batch_axis} of shape {np.shape(leaf)} is not divisible by data*fsdp = "
           f"{shards}; use a batch size that is a multiple of {shards}")
 
 
-def shard_batch(tree: Any, mesh: Mesh) -> Any:
-  """Puts a batch (a tree of arrays with the same leading dim) on the mesh, split over the batch."""
-  _check_batch_divisible(tree, mesh, "shard_batch")
-  return jax.device_put(tree, batch_sharding(mesh))
+def shard_batch(tree: Any, mesh: Mesh, batch_axis: int = 0) -> Any:
+  """Puts a batch on the mesh with dim `batch_axis` of every array split over the batch axes.
+
+  batch_axis=0: a tree of [batch, ...] arrays (the sampler's). batch_axis=1: the learner's
+  [micro, rows, ...] arrays, rows split; there 0-d leaves (a row count) are replicated.
+  """
+  _check_batch_divisible(tree, mesh, "shard_batch", batch_axis)
+  split = batch_sharding(mesh, batch_axis)
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.device_put(x, split if np.ndim(x) else replicated), tree)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, smallest_bucket
 from gru_mem.model.config import ModelConfig
 from gru_mem.model.transformer import Transformer, forward, init_cache, positions_from_mask
 
@@ -40,7 +41,6 @@ STOP_REASONS = {EOS: "eos", STOP: "stop", LENGTH: "length"}
 # How many times prefill / decode were traced (= compiled). Tests read it to bound compilations.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-_DEFAULT_LENGTH_BUCKETS = tuple(2 ** i for i in range(6, 16))  # 64 ... 32768
 _DEFAULT_BATCH_BUCKETS = tuple(2 ** i for i in range(0, 9))  # 1 ... 256
 
 
@@ -61,7 +61,7 @@ class SamplingSettings:
   stop_sequences: tuple[tuple[int, ...], ...] = ()
   eos_id: Union[int, tuple[int, ...], None] = None
   pad_id: int = 0
-  length_buckets: tuple[int, ...] = _DEFAULT_LENGTH_BUCKETS
+  length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
   batch_buckets: tuple[int, ...] = _DEFAULT_BATCH_BUCKETS
   prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled chunk by chunk
   slots: int = 0  # > 0: continuous batching through this many decode slots (0: static batches)
@@ -69,8 +69,7 @@ class SamplingSettings:
 
   def __post_init__(self):
     if self.slots < 0 or self.refill_free_slots < 0:
-      raise ValueError(f"slots={self.slots}, refill_free_slots={self.refill_free_slots}: must be "
-                       ">= 0 (slots 0 means static batches, refill_free_slots 0 a quarter of them)")
+      raise ValueError(f"slots={self.slots}, refill_free_slots={self.refill_free_slots}: use >= 0")
     if self.prefill_chunk_tokens < 1:
       raise ValueError(f"prefill_chunk_tokens={self.prefill_chunk_tokens}: must be >= 1")
     if self.max_new_tokens < 1:
@@ -113,9 +112,6 @@ class DecodeSpec:
   eos_ids: tuple[int, ...]
   pad_id: int
   prefill_chunk_tokens: int = 2048
-
-
-_DecodeSpec = DecodeSpec  # the old name, still read by dry_run.py
 
 
 def decode_spec(settings: SamplingSettings) -> DecodeSpec:
@@ -188,11 +184,8 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, spec: DecodeSpec):
 
 
 def end_reason(token, lengths, limits, recent, spec: DecodeSpec) -> jax.Array:
-  """Each row's state after emitting `token` [B]: EOS, STOP, LENGTH or still RUNNING.
-
-  lengths [B] counts the row's tokens including this one; recent [B, longest stop] holds its
-  last generated tokens ending with this one (-1 where there are fewer).
-  """
+  """Each row's state after emitting `token` [B]: EOS, STOP, LENGTH or RUNNING. lengths [B]
+  counts its tokens so far, recent [B, longest stop] its last ones (-1 before the first)."""
   hit_eos = jnp.zeros(token.shape, jnp.bool_)
   for eos in spec.eos_ids:
     hit_eos = hit_eos | (token == eos)
@@ -231,13 +224,10 @@ def _record(state: dict, logits: jax.Array, spec: DecodeSpec) -> dict:
   }
 
 
-def prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config: ModelConfig,
-            spec: DecodeSpec, decode_room: bool = True):
+def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config: ModelConfig,
+             spec: DecodeSpec, decode_room: bool = True):
   """Runs the left-padded prompts [B, L] through the model and samples each row's first token.
-
-  Returns the decode state; its cache holds L + max_new_tokens slots (only L without
-  `decode_room`: the continuous sampler copies the prompt part into its own cache).
-  """
+  The cache holds L + max_new_tokens slots (L without `decode_room`, for `continuous`)."""
   TRACE_COUNTS["prefill"] += 1
   batch, length = prompt_tokens.shape
   cache = init_cache(config, batch, length + (spec.max_new_tokens if decode_room else 0))
@@ -303,15 +293,8 @@ def _decode(params, state, *, config: ModelConfig, spec: DecodeSpec):
   return jax.lax.while_loop(not_finished, one_token, state)
 
 
-prefill_jit = jax.jit(prefill, static_argnames=("config", "spec", "decode_room"))
-_prefill_jit = prefill_jit  # the old name, still read by dry_run.py
-_decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnums=(1,))
-
-
-def bucket(size: int, buckets: Sequence[int], multiple_of: int = 1) -> int:
-  """The smallest bucket >= size, rounded up to a multiple of `multiple_of`."""
-  bucket = next(b for b in buckets if b >= size)
-  return -(-bucket // multiple_of) * multiple_of
+prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec", "decode_room"))
+decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnums=(1,))
 
 
 def batch_shards(batch_sharding) -> int:
@@ -324,7 +307,7 @@ def batch_shards(batch_sharding) -> int:
 
 
 def check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
-                   max_new_tokens_per_row) -> tuple[list[np.ndarray], np.ndarray]:
+                  max_new_tokens_per_row) -> tuple[list[np.ndarray], np.ndarray]:
   """Prompts as int32 arrays and per-row token limits [N]; raises ValueError on bad input."""
   rows = [np.asarray(p) for p in prompts]
   if not rows:
@@ -377,19 +360,19 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
   batch shards. Params keep whatever sharding they carry.
   """
   if settings.slots:
-    raise ValueError(f"settings.slots={settings.slots}: this is the static sampler; continuous "
-                     "batching is gru_mem.continuous.generate (or set slots=0)")
+    raise ValueError(f"slots={settings.slots}: call gru_mem.continuous.generate (or set slots=0)")
   rows, limits = check_prompts(config, prompts, settings, max_new_tokens_per_row)
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.PRNGKey(rng)
   spec = decode_spec(settings)
   shards = batch_shards(batch_sharding)
-  largest_batch = bucket(settings.batch_buckets[-1], settings.batch_buckets, shards)
+  largest_batch = smallest_bucket(settings.batch_buckets[-1], settings.batch_buckets,
+                                  multiple_of=shards)
   finals = []
   for start in range(0, len(rows), largest_batch):  # dispatch every batch before reading any
     chunk = rows[start:start + largest_batch]
-    batch = bucket(len(chunk), settings.batch_buckets, shards)
-    length = bucket(max(len(r) for r in chunk), settings.length_buckets)
+    batch = smallest_bucket(len(chunk), settings.batch_buckets, multiple_of=shards)
+    length = smallest_bucket(max(len(r) for r in chunk), settings.length_buckets)
     tokens, mask = left_pad(chunk, batch, length, settings.pad_id)
     if batch_sharding is not None:
       tokens, mask = jax.device_put((tokens, mask), batch_sharding)
@@ -398,7 +381,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     row_ids = np.arange(start, start + batch, dtype=np.int32)
     state = prefill_jit(params, tokens, mask, chunk_limits, row_ids, rng, config=config,
                          spec=spec)
-    state = _decode_jit(params, state, config=config, spec=spec)
+    state = decode_jit(params, state, config=config, spec=spec)
     del state["cache"]
     finals.append((len(chunk), state))
   return _collect(finals)

@@ -130,16 +130,20 @@ def test_crash_mid_save_keeps_latest_good_checkpoint(tmp_path):
   manager.close()
 
 
-def test_load_params_for_export_reads_params_alone(tmp_path):
+def test_run_folder_reads_params_alone_and_resolves_steps(tmp_path):
+  from gru_mem import run_folder
   states = save_three_steps(str(tmp_path))
-  params, config = checkpoint.load_params_for_export(str(tmp_path))
+  params = run_folder.load_params(str(tmp_path))
   assert_trees_equal(params, states[3]["params"])
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
-  assert config["model"] == "tiny"
-  params_2, _ = checkpoint.load_params_for_export(str(tmp_path), step=2)
-  assert_trees_equal(params_2, states[2]["params"])
-  with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-    checkpoint.load_params_for_export(str(tmp_path / "elsewhere"))
+  assert_trees_equal(run_folder.load_params(str(tmp_path), step=2), states[2]["params"])
+  assert run_folder.resolve_step(str(tmp_path)) == 3
+  assert run_folder.completed_steps(str(tmp_path)) == 3
+  assert run_folder.completed_steps(str(tmp_path / "elsewhere")) is None
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 7 .*available: \\[2, 3\\]"):
+    run_folder.resolve_step(str(tmp_path), 7)
+  with pytest.raises(FileNotFoundError, match="elsewhere has no checkpoints/ folder"):
+    run_folder.load_params(str(tmp_path / "elsewhere"))
 
 
 def test_bad_inputs_fail_before_writing(tmp_path):
@@ -157,16 +161,16 @@ def test_bad_inputs_fail_before_writing(tmp_path):
 _RESHARD_SCRIPT = """
 import jax, numpy as np, optax
 from gru_mem import checkpoint, parallel
-from gru_mem.model import config as model_config, transformer
+from gru_mem.model import config as model_config, shardings as model_shardings, transformer
 workdir = {workdir!r}
 config = model_config.preset('tiny', num_layers=1)
 save_mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
-params = parallel.init_sharded_params(config, jax.random.PRNGKey(0), save_mesh)
+params = model_shardings.init_sharded_params(config, jax.random.PRNGKey(0), save_mesh)
 with checkpoint.CheckpointManager(workdir, save_every=1) as manager:
   manager.save(1, {{'params': params}}, {{}}, None, wait=True)
 
 load_mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-shardings = parallel.param_shardings(config, load_mesh)
+shardings = model_shardings.param_shardings(config, load_mesh)
 target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       params, shardings)
 manager = checkpoint.CheckpointManager(workdir, save_every=1)

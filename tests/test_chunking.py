@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from gru_mem.data import chunking
+from gru_mem.agent import chunking
 from gru_mem.data.example import Example
 from gru_mem.data import synthetic
 from gru_mem.data.tokenizer import builtin_tokenizer, load_tokenizer

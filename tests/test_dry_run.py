@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from configs import qwen2p5_3b_hotpotqa, qwen2p5_7b_hotpotqa, tiny
-from gru_mem import dry_run, train
+from gru_mem import dry_run, settings
 from gru_mem.model import config as model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +169,7 @@ def test_paper_configs(module):
     assert c.model.scan_layers and c.model.remat_policy == "full"
     assert (c.model.param_dtype, c.model.dtype) == ("float32", "bfloat16")
     assert c.optim.micro_batch_rows % (c.mesh.fsdp * max(c.mesh.data, 1)) == 0
-    assert not train.unknown_keys(c)  # only keys configs/base.py defines
+    assert not settings.unknown_keys(c)  # only keys configs/base.py defines
   with pytest.raises(ValueError, match="unknown target"):
     module.get_config("v4-8")
 
@@ -177,14 +177,14 @@ def test_paper_configs(module):
 def test_placeholder_paths_fail_validation_clearly(tmp_path):
   c = qwen2p5_7b_hotpotqa.get_config("h100x8")
   with pytest.raises(FileNotFoundError, match="model.hf_path='/path/to/Qwen2.5-7B-Instruct'"):
-    train.validate(c)
+    settings.validate(c)
   folder = tmp_path / "qwen"
   folder.mkdir()
   (folder / "config.json").write_text("{}")
   c.model.hf_path = str(folder)
   c.mesh.fsdp = 1  # this process has one device
   with pytest.raises(FileNotFoundError, match="hotpotqa_path"):
-    train.validate(c)
+    settings.validate(c)
 
 
 def test_bfloat16_weights_would_not_move_at_the_papers_learning_rate():

@@ -11,8 +11,8 @@ import pytest
 from configs import tiny
 from gru_mem import eval_report, evaluate, gates
 from gru_mem.agent.rollout import AgentExample, Trajectory, Turn
-from gru_mem.data import examples as data_examples
-from gru_mem.data.chunking import chunk_token_ids
+from gru_mem.data import sources
+from gru_mem.agent.chunking import chunk_token_ids
 from gru_mem.data.tokenizer import builtin_tokenizer
 from gru_mem.model import transformer
 
@@ -33,7 +33,7 @@ def trajectory(example, decisions, answer, memory_lengths):
            for t, ((u, e), m) in enumerate(zip(decisions, memory_lengths))]
   answer_turn = Turn(np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.float32), -1,
                      False, format_ok=True)
-  return Trajectory(0, 0, turns, answer_turn, answer, exit_chunk=len(turns) - 1,
+  return Trajectory(0, 0, turns, answer_turn, answer, last_chunk_read=len(turns) - 1,
                     num_chunks=example.chunks.num_chunks,
                     last_evidence_chunk=example.chunks.last_evidence_chunk)
 
@@ -104,7 +104,7 @@ def test_grid_and_held_out_data():
   config.eval.examples = 3
   tokenizer = builtin_tokenizer()
   held_out = evaluate.held_out_examples(config, tokenizer, grid[1])
-  training = [data_examples.example_at(config.data, tokenizer, i, seed)
+  training = [sources.example_at(config.data, tokenizer, i, seed)
               for seed in (config.seed, config.sft.seed) for i in range(50)]
   assert not {e.document for e in held_out} & {e.document for e in training}
   for example in held_out:  # evidence within the first 20% of the document's tokens

@@ -14,7 +14,7 @@ import transformers
 from safetensors import safe_open
 
 from configs import tiny
-from gru_mem import checkpoint, export_hf, runtime
+from gru_mem import checkpoint, export_hf, run_folder, runtime
 from gru_mem.data.tokenizer import builtin_tokenizer
 from gru_mem.model import transformer
 
@@ -41,7 +41,7 @@ def write_run(workdir: str, steps=(1, 2)):
       params_by_step[step] = params
       manager.save(step, {"params": params, "step": np.int32(step)}, {"examples_consumed": step},
                    runtime.run_metadata(config, model_config), force=True)
-  tokenizer.save(os.path.join(workdir, runtime.TOKENIZER_DIR))
+  tokenizer.save(os.path.join(workdir, run_folder.TOKENIZER_DIR))
   return model_config, params_by_step, tokenizer
 
 

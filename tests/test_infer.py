@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gru_mem import checkpoint, export_hf, gates, infer
+from gru_mem import checkpoint, export_hf, gates, infer, run_folder
 from gru_mem.agent import parse
 from gru_mem.data import synthetic
 from gru_mem.model import hf
@@ -143,7 +143,8 @@ def test_bad_inputs_fail_before_any_model_is_read(run, tmp_path, monkeypatch):
   def no_loading(*args, **kwargs):
     raise AssertionError("weights were read")
   monkeypatch.setattr(hf, "load_hf_checkpoint", no_loading)
-  monkeypatch.setattr(checkpoint, "load_params_for_export", no_loading)
+  monkeypatch.setattr(run_folder, "load_params", no_loading)
+  monkeypatch.setattr(checkpoint.CheckpointManager, "restore_params", no_loading)
   latin1 = tmp_path / "latin1.txt"
   latin1.write_bytes("café ok ".encode("utf-8") + b"\xff rest")
   with pytest.raises(ValueError, match=rf"--document {latin1} is not UTF-8 text: the byte at "

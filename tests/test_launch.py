@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gru_mem import checkpoint, sweep_summary
+from gru_mem import checkpoint, run_folder, sweep_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("launch/tpu_vm.sh", "launch/slurm_gpu.sbatch", "launch/sweep_alpha.sh")
@@ -159,7 +159,7 @@ def test_alpha_sweep_trains_tiny_config_and_summarises(tmp_path):
     assert row["steps"] == last["step"] == 2
     for key in ("reward/trajectory", "learner/loss", "agent/chunks_read"):
       assert row[key] == pytest.approx(float(last[key])), key
-    _, metadata = checkpoint.load_params_for_export(str(alpha_dir))
+    metadata = {"experiment": run_folder.read_run(str(alpha_dir)).experiment}
     assert metadata["experiment"]["rl"]["alpha"] == row["alpha"]  # the override reached the run
   assert (sweep / "summary.md").read_text().count("\n| ") == 5  # header + 4 alphas
   assert "| 0.9 | 2 |" in out  # the table is printed at the end

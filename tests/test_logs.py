@@ -67,7 +67,7 @@ def test_logger_writes_tensorboard_jsonl_and_progress(tmp_path):
   lines = stream.getvalue().strip().splitlines()
   assert len(lines) == 3
   # 7 steps left at 0.5 steps/s -> 14 s.
-  assert lines[-1] == "step 3/10 (30.0%) | 0.5 steps/s 50 tok/s | elapsed 6s | ETA 14s | loss 1.25"
+  assert lines[-1] == "step 3/10 (30%) | 0.5 steps/s 50 tok/s | elapsed 6s | ETA 14s | loss 1.25"
 
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3]

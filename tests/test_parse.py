@@ -165,8 +165,9 @@ def test_memory_cut_to_exactly_memory_tokens(sample_data):
       parsed = parse.parse_response(response, memory_tokens, tokenizer)
       assert parsed.candidate_memory_ids == tuple(full_ids[:memory_tokens])
       assert parsed.candidate_memory == tokenizer.decode(full_ids[:memory_tokens])
-      memory, ok = parse.parse_memagent_response(candidate, memory_tokens, tokenizer)
-      assert (memory, ok) == (parsed.candidate_memory, memory_tokens > 0)
+      memagent = parse.parse_response(candidate, memory_tokens, tokenizer, mode="memagent")
+      assert (memagent.candidate_memory, memagent.format_ok) == (parsed.candidate_memory,
+                                                                 memory_tokens > 0)
     uncut = parse.parse_response(response, len(full_ids), tokenizer)
     assert (uncut.candidate_memory, uncut.candidate_memory_ids) == (candidate, tuple(full_ids))
   # A cut inside a multi-byte character (byte-level tokens of "ï") decodes to a replacement char.
@@ -189,8 +190,10 @@ def test_memory_cut_argument_errors_and_odd_text():
 
 def test_memagent_mode():
   tokenizer = builtin_tokenizer()
-  assert parse.parse_memagent_response("  the key is 7 \n") == ("the key is 7", True)
-  assert parse.parse_memagent_response(" \n ") == ("", False)
+  whole = parse.parse_response("  the key is 7 \n", mode="memagent")
+  assert (whole.candidate_memory, whole.format_ok) == ("the key is 7", True)
+  empty = parse.parse_response(" \n ", mode="memagent")
+  assert (empty.candidate_memory, empty.format_ok) == ("", False)
   parsed = parse.parse_response(" the key is 7 ", 2, tokenizer, mode="memagent")
   assert (parsed.update_gate, parsed.exit_gate, parsed.format_ok) == (YES, CONT, True)
   assert parsed.candidate_memory_ids == tuple(tokenizer.encode("the key is 7")[:2])

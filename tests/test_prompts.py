@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from gru_mem.agent import prompts
+from gru_mem.agent import modes, prompts
 from gru_mem.data.tokenizer import IM_START, Tokenizer, builtin_tokenizer, load_tokenizer
 
 # (question, memory, chunk) texts: typical fields whose splices match full-text tokenization.
@@ -48,7 +48,7 @@ def _spliced(builder, tokenizer, question, memory, chunk):
   return builder.memory_turn(*ids), builder.answer_turn(ids[0], ids[1])
 
 
-@pytest.mark.parametrize("mode", prompts.MODES)
+@pytest.mark.parametrize("mode", modes.MODES)
 def test_spliced_ids_match_full_text(tokenizer, mode):
   builder = prompts.PromptBuilder(tokenizer, mode)
   for question, memory, chunk in FIELDS + EXCEPTIONS:

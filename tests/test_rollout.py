@@ -11,7 +11,7 @@ from gru_mem import gates
 from gru_mem.agent import parse
 from gru_mem.agent.prompts import PromptBuilder
 from gru_mem.agent.rollout import AgentExample, RolloutSettings, rollout
-from gru_mem.data.chunking import chunk_token_ids
+from gru_mem.agent.chunking import chunk_token_ids
 from gru_mem.data.tokenizer import builtin_tokenizer
 from gru_mem.data.vocabulary import KEY_NOUNS, VALUE_WORDS
 
@@ -87,7 +87,7 @@ def test_memory_follows_the_update_gate_and_exit_stops_reading():
   (trajectory,) = result.trajectories
   # Hand-computed: M0 = apple alpha (yes), M1 = M0 (no), M2 = apple charlie (yes), then end.
   assert [memories[(0, t)] for t in range(3)] == ["apple alpha", "apple alpha", "apple charlie"]
-  assert trajectory.chunks_read == 3 and trajectory.exit_chunk == 2 and trajectory.said_end
+  assert trajectory.chunks_read == 3 and trajectory.last_chunk_read == 2 and trajectory.said_end
   assert policy.answer_prompts == [("apple", "apple charlie")]  # the answer turn sees M_k
   assert trajectory.answer == "charlie"
   assert [t.update_gate for t in trajectory.turns] == [Y, N, Y]
@@ -103,7 +103,7 @@ def test_no_exit_mode_reads_every_chunk_and_memagent_always_overwrites():
   examples = [make_example(tok, "apple", 4)]
   result, memories, _ = run("gru_mem_no_exit", script, examples, tok)
   (trajectory,) = result.trajectories
-  assert trajectory.chunks_read == 4 and trajectory.exit_chunk == 3 and not trajectory.said_end
+  assert trajectory.chunks_read == 4 and trajectory.last_chunk_read == 3 and not trajectory.said_end
   assert [memories[(0, t)] for t in range(4)] == ["apple alpha"] * 4
   result, memories, _ = run("memagent", script, examples, tok)
   (trajectory,) = result.trajectories

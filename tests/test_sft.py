@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from gru_mem import checkpoint, gates, sampling, sft
-from gru_mem.agent import parse
+from gru_mem import gates, run_folder, runtime, sampling, settings, sft
+from gru_mem.agent import parse, scripted
 from gru_mem.agent.prompts import EMPTY_MEMORY, PromptBuilder
 from gru_mem.agent.rollout import AgentExample, RolloutSettings, rollout
 from gru_mem.data import synthetic
 from gru_mem.data.tokenizer import builtin_tokenizer
 from gru_mem.model import config as model_config
 from gru_mem.model import transformer
+from gru_mem.rl import batch as rl_batch
 from gru_mem.rl import learner
 
 CHUNK_TOKENS = 32
-NO_NOISE = sft.ScriptSettings(update_noise=0.0, exit_noise=0.0, memory_tokens=64)
+NO_NOISE = scripted.ScriptSettings(update_noise=0.0, exit_noise=0.0, memory_tokens=64)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def decode_turns(tokenizer, turns):
                                        ("niah_multihop_1", 4)])
 def test_scripted_gated_trajectory_copies_exactly_the_needles(tokenizer, task, seed):
   raw, agent_example = example(tokenizer, task, seed)
-  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+  turns = scripted.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
                                   random.Random(0), NO_NOISE)
   chunks = agent_example.chunks
   assert len(turns) == chunks.num_chunks + 1 and turns[-1].kind == "answer"
@@ -67,7 +68,7 @@ def test_scripted_gated_trajectory_copies_exactly_the_needles(tokenizer, task, s
 
 def test_scripted_memagent_trajectory_is_the_memory_itself(tokenizer):
   raw, agent_example = example(tokenizer, "niah_single_1", 5)
-  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "memagent"), tokenizer,
+  turns = scripted.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "memagent"), tokenizer,
                                   random.Random(0), NO_NOISE)
   texts = decode_turns(tokenizer, turns[:-1])
   last = agent_example.chunks.last_evidence_chunk
@@ -77,15 +78,15 @@ def test_scripted_memagent_trajectory_is_the_memory_itself(tokenizer):
 
 def test_noisy_gates_keep_the_memory_and_stop_reading(tokenizer):
   _, agent_example = example(tokenizer, "niah_single_1", 3)
-  never_update = sft.ScriptSettings(update_noise=1.0, exit_noise=0.0, memory_tokens=64)
-  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+  never_update = scripted.ScriptSettings(update_noise=1.0, exit_noise=0.0, memory_tokens=64)
+  turns = scripted.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
                                   random.Random(0), never_update)
   parsed = [parse.parse_response(t) for t in decode_turns(tokenizer, turns)]
   assert all(p.update_gate == gates.UPDATE_NO and p.candidate_memory == "" for p in parsed)
   assert all(p.think.split()[1] == "no" for p in parsed)  # the think states the decision too
   assert all(t.kind == "memory" for t in turns)  # the evidence was never stored: no answer turn
-  always_end = sft.ScriptSettings(update_noise=0.0, exit_noise=1.0, memory_tokens=64)
-  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+  always_end = scripted.ScriptSettings(update_noise=0.0, exit_noise=1.0, memory_tokens=64)
+  turns = scripted.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
                                   random.Random(0), always_end)
   parsed = parse.parse_response(tokenizer.decode(turns[0].response_ids))
   assert len(turns) == 1 and parsed.exit_gate == gates.EXIT_END
@@ -94,12 +95,12 @@ def test_noisy_gates_keep_the_memory_and_stop_reading(tokenizer):
 
 @pytest.mark.parametrize("task,seed", [("niah_single_1", 3), ("niah_multihop_1", 4)])
 def test_noise_by_chunk_kind_gives_the_ideal_gates_at_the_extremes(tokenizer, task, seed):
-  """update_noise_plain=1 and exit_noise_complete=1 (with no other noise) script the ideal gates:
+  """update_noise_non_evidence=1 and exit_noise_complete=1 (with no other noise) script the ideal gates:
   yes exactly on evidence chunks, end exactly at the last evidence chunk, then the answer."""
   raw, agent_example = example(tokenizer, task, seed)
-  ideal = sft.ScriptSettings(update_noise=0.0, exit_noise=0.0, update_noise_plain=1.0,
+  ideal = scripted.ScriptSettings(update_noise=0.0, exit_noise=0.0, update_noise_non_evidence=1.0,
                              exit_noise_complete=1.0, memory_tokens=64)
-  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
+  turns = scripted.scripted_trajectory(agent_example, PromptBuilder(tokenizer, "gru_mem"), tokenizer,
                                   random.Random(0), ideal)
   chunks = agent_example.chunks
   parsed = [parse.parse_response(t) for t in decode_turns(tokenizer, turns[:-1])]
@@ -110,20 +111,20 @@ def test_noise_by_chunk_kind_gives_the_ideal_gates_at_the_extremes(tokenizer, ta
       gates.EXIT_END]
   assert parsed[-1].candidate_memory == " ".join(raw.document[a:b] for a, b in sorted(raw.evidence))
   assert tokenizer.decode(turns[-1].response_ids) == "\\boxed{" + raw.answers[0] + "}"
-  with pytest.raises(ValueError, match="update_noise_plain"):
-    sft.ScriptSettings(update_noise_plain=-0.1)
+  with pytest.raises(ValueError, match="update_noise_non_evidence"):
+    scripted.ScriptSettings(update_noise_non_evidence=-0.1)
 
 
 @pytest.mark.parametrize("mode", ["gru_mem", "memagent"])
 def test_scripted_prompts_are_the_prompts_the_rollout_builds(tokenizer, mode):
   """Replaying the scripted responses through the real rollout gives the same prompts, so what
   SFT trains on is exactly what the agent sees at inference."""
-  noisy = sft.ScriptSettings(update_noise=0.3, exit_noise=0.1, memory_tokens=64)
+  noisy = scripted.ScriptSettings(update_noise=0.3, exit_noise=0.1, memory_tokens=64)
   _, agent_example = example(tokenizer, "niah_multihop_1", 4)
-  turns = sft.scripted_trajectory(agent_example, PromptBuilder(tokenizer, mode), tokenizer,
+  turns = scripted.scripted_trajectory(agent_example, PromptBuilder(tokenizer, mode), tokenizer,
                                   random.Random(7), noisy)
   replies = iter(turns)
-  no_answer = sft.response_ids("\\boxed{?}", tokenizer)  # when the script has no answer turn
+  no_answer = scripted.response_ids("\\boxed{?}", tokenizer)  # when the script has no answer turn
 
   def policy(prompt_ids, rng, max_new_tokens):
     ids = [getattr(next(replies, None), "response_ids", no_answer) for _ in prompt_ids]
@@ -151,26 +152,26 @@ def test_scripted_prompts_are_the_prompts_the_rollout_builds(tokenizer, mode):
 
 def test_step_rows_keep_evidence_and_answer_turns_and_thin_the_rest(tokenizer):
   config = tiny.get_config()
-  script = dataclasses.replace(sft.script_settings(config), keep_plain_turns=0.0)
-  rows = sft.ScriptedRows(config.data, tokenizer, CHUNK_TOKENS, script, 3, seed=1)
+  script = dataclasses.replace(settings.script_settings(config), keep_non_evidence_turns=0.0)
+  rows = scripted.ScriptedRows(config.data, tokenizer, CHUNK_TOKENS, script, 3, seed=1)
   every = [t for index in range(3) for t in rows.trajectory(index)]
   want = [t for i, t in enumerate(every) if i == 0 or t.kind == "answer" or t.has_evidence]
   assert len(want) < len(every)
-  assert [r.prompt_ids.tolist() for r in rows.rows(0)] == [t.prompt_ids.tolist() for t in want]
+  assert [prompt.tolist() for prompt, _ in rows.rows(0)] == [t.prompt_ids.tolist() for t in want]
 
 
 def test_copy_rows_respond_with_their_prompt(tokenizer):
-  rows = sft.CopyRows(tokenizer, rows_per_step=64, max_tokens=12, seed=0).rows(3)
+  rows = scripted.CopyRows(tokenizer, rows_per_step=64, max_tokens=12, seed=0).rows(3)
   digits = {tokenizer.encode(str(d))[0] for d in range(10)}
-  copied = [r.prompt_ids[:-1] for r in rows]
-  for row in rows:
-    np.testing.assert_array_equal(row.prompt_ids, row.response_ids)
-    assert row.response_ids[-1] == tokenizer.token_id("<|im_end|>")
-    assert 5 <= len(row.prompt_ids) <= 13
+  copied = [prompt[:-1] for prompt, _ in rows]
+  for prompt, response in rows:
+    np.testing.assert_array_equal(prompt, response)
+    assert response[-1] == tokenizer.token_id("<|im_end|>")
+    assert 5 <= len(prompt) <= 13
   share = np.mean([t in digits for c in copied for t in c])
   assert 0.4 < share < 0.6  # digit_fraction 0.5
-  assert [r.prompt_ids.tolist() for r in sft.CopyRows(tokenizer, 64, 12, 0).rows(3)] == [
-      r.prompt_ids.tolist() for r in rows]  # a pure function of (seed, step)
+  again = scripted.CopyRows(tokenizer, 64, 12, 0).rows(3)
+  assert [p.tolist() for p, _ in again] == [p.tolist() for p, _ in rows]  # pure in (seed, step)
 
 
 # ----------------------------------------------------------------------------- the SFT step
@@ -184,7 +185,7 @@ def random_rows(seed, count=5):
   rows = []
   for _ in range(count):
     response = rng.integers(1, 64, rng.integers(1, 6))
-    rows.append(learner.LearnerRow(rng.integers(1, 64, rng.integers(3, 12)), response, 1.0,
+    rows.append(rl_batch.LearnerRow(rng.integers(1, 64, rng.integers(3, 12)), response, 1.0,
                                    np.zeros(len(response), np.float32)))
   return rows
 
@@ -211,8 +212,8 @@ def test_sft_step_loss_matches_a_plain_forward_and_micro_batching_is_exact():
     settings = learner.LearnerSettings(learning_rate=1e-2, micro_batch_rows=micro_rows,
                                        length_buckets=(8, 16, 32), kl_beta=0.0, adam_eps=1e-4)
     state = learner.create_train_state(params, settings)
-    batch = learner.pack(rows, settings)
-    state, metrics = sft.make_sft_step(CONFIG, settings)(state, batch)
+    batch = rl_batch.pack_rows(rows, settings.length_buckets, settings.micro_batch_rows)
+    state, metrics = learner.make_train_step(CONFIG, settings, objective=learner.NLL)(state, batch)
     results.append((jax.device_get(state.params), float(metrics["loss"])))
   want = reference_nll(params, rows)
   assert results[0][1] == pytest.approx(want, rel=1e-5)
@@ -227,7 +228,7 @@ def test_sft_steps_fit_a_fixed_batch():
                                      length_buckets=(8, 16, 32), kl_beta=0.0)
   state = learner.create_train_state(transformer.init_params(CONFIG, jax.random.PRNGKey(1)),
                                      settings)
-  batch, step = learner.pack(rows, settings), sft.make_sft_step(CONFIG, settings)
+  batch, step = rl_batch.pack_rows(rows, settings.length_buckets, settings.micro_batch_rows), learner.make_train_step(CONFIG, settings, objective=learner.NLL)
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -262,12 +263,11 @@ def test_train_sft_resumes_exactly_and_leaves_a_loadable_run(tmp_path):
   assert {"loss", "token_accuracy", "grad_norm"} <= set(metrics)
   sft.train_sft(small_config(2), resumed)
   sft.train_sft(small_config(3), resumed)
-  a, _ = checkpoint.load_params_for_export(straight)
-  b, _ = checkpoint.load_params_for_export(resumed)
+  a, b = run_folder.load_params(straight), run_folder.load_params(resumed)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert sft.completed_steps(straight) == 3
-  from gru_mem import runtime
-  model_config, params, tok, _ = runtime.load_run(straight)
+  assert run_folder.completed_steps(straight) == 3
+  info, _ = run_folder.load_run(straight)
+  model_config, tok = info.model_config, info.tokenizer
   assert model_config.vocab_size >= tok.vocab_size
   config = small_config(3)
   config.model.init_workdir = straight
@@ -278,6 +278,6 @@ def test_train_sft_resumes_exactly_and_leaves_a_loadable_run(tmp_path):
 def test_bad_settings_fail_before_any_work():
   config = small_config(0)
   with pytest.raises(ValueError, match="sft.steps=0"):
-    sft.validate(config)
+    settings.validate_sft(config)
   with pytest.raises(ValueError, match="update_noise"):
-    sft.ScriptSettings(update_noise=1.5)
+    scripted.ScriptSettings(update_noise=1.5)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from gru_mem import checkpoint, train
+from gru_mem import checkpoint, run_folder, settings, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,8 +55,8 @@ def test_train_writes_metrics_and_resumes_exactly_after_sigkill(tmp_path):
   manager.close()
 
   train.train(smoke.get_config(), killed)  # resumes from the latest complete checkpoint
-  final_straight, _ = checkpoint.load_params_for_export(straight)
-  final_resumed, _ = checkpoint.load_params_for_export(killed)
+  final_straight = run_folder.load_params(straight)
+  final_resumed = run_folder.load_params(killed)
   for a, b in zip(jax.tree.leaves(final_straight), jax.tree.leaves(final_resumed)):
     np.testing.assert_array_equal(a, b)
   manager = checkpoint.CheckpointManager(killed, read_only=True)
@@ -67,11 +67,12 @@ def test_train_writes_metrics_and_resumes_exactly_after_sigkill(tmp_path):
   # The trained checkpoint exports to a folder transformers loads with the same logits.
   import torch
   import transformers
-  from gru_mem import export_hf, runtime
+  from gru_mem import export_hf
   from gru_mem.model import transformer
   folder, step = export_hf.export(killed, str(tmp_path / "export"))
   assert step == 6
-  model_config, params, _, _ = runtime.load_run(killed)
+  info, params = run_folder.load_run(killed)
+  model_config = info.model_config
   tokens = np.array([[3, 17, 256, 9, 1000, 44]])
   ours, _ = transformer.forward(model_config, params, tokens)
   with torch.no_grad():
@@ -115,14 +116,14 @@ def test_bad_config_fails_before_any_compile(tmp_path, override, message):
   section, name = key.split(".")
   config[section][name] = eval(value)
   with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-    train.validate(config)
+    settings.validate(config)
 
 
 def test_unknown_config_key_is_named(tmp_path):
   config = smoke.get_config()
   config.rl.alhpa = 0.5
   with pytest.raises(ValueError, match=r"\['rl.alhpa'\]"):
-    train.validate(config)
+    settings.validate(config)
   result = subprocess.run(
       [sys.executable, "-m", "gru_mem.train", "--config", "configs/smoke.py", "--workdir",
        str(tmp_path / "w"), "--config.rl.alhpa=0.5"], cwd=REPO, capture_output=True, text=True,

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from gru_mem import gates
-from gru_mem.agent.prompts import MODES
+from gru_mem.agent import modes
 from gru_mem.data.metrics import extract_boxed
 from gru_mem.data.tokenizer import Tokenizer
 
@@ -120,14 +120,12 @@ def parse_response(text: str, memory_tokens: Optional[int] = None,
                    ) -> ParsedResponse:
   """Reads a memory-turn response of a gated mode (see the module docstring for the rules).
 
-  `mode='memagent'` reads the whole response as the candidate (see parse_memagent_response),
-  with update_gate UPDATE_YES and exit_gate EXIT_CONTINUE.
+  `mode='memagent'` reads the whole response, stripped and cut to memory_tokens, as M_t
+  (format ok iff it is not empty), with update_gate UPDATE_YES and exit_gate EXIT_CONTINUE.
   """
   if not isinstance(text, str):
     raise TypeError(f"parse_response: text must be a str, got {type(text).__name__}")
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}: must be one of {MODES}")
-  if mode == "memagent":
+  if not modes.is_gated(mode):
     memory, ids = cut_to_tokens(text.strip(), memory_tokens, tokenizer)
     return ParsedResponse("", gates.UPDATE_YES, memory, gates.EXIT_CONTINUE, bool(memory), ids)
   spans = {part: _part_span(text, part) for part in PARTS}
@@ -141,15 +139,6 @@ def parse_response(text: str, memory_tokens: Optional[int] = None,
   return ParsedResponse(think=contents["think"] or "", update_gate=update_gate,
                         candidate_memory=candidate, exit_gate=exit_gate, format_ok=format_ok,
                         candidate_memory_ids=ids)
-
-
-def parse_memagent_response(text: str, memory_tokens: Optional[int] = None,
-                            tokenizer: Optional[Tokenizer] = None) -> tuple[str, bool]:
-  """MemAgent: the whole response, stripped, is M_t (cut to memory_tokens); ok iff not empty."""
-  if not isinstance(text, str):
-    raise TypeError(f"parse_memagent_response: text must be a str, got {type(text).__name__}")
-  memory, _ = cut_to_tokens(text.strip(), memory_tokens, tokenizer)
-  return memory, bool(memory)
 
 
 def parse_answer(text: str) -> tuple[Optional[str], bool]:

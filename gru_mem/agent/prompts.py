@@ -32,9 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
+from gru_mem.agent import modes
 from gru_mem.data.tokenizer import Tokenizer
 
-MODES = ("gru_mem", "gru_mem_no_exit", "memagent")
 
 EMPTY_MEMORY = "none"  # what an empty memory M_0 renders as
 
@@ -65,7 +65,7 @@ _SENTINELS = {"question": "\x00Q\x00", "memory": "\x00M\x00", "chunk": "\x00C\x0
 def memory_template(mode: str) -> str:
   """The user-message template of a memory turn in `mode` (fields: question, memory, chunk)."""
   _check_mode(mode)
-  return MEMAGENT_MEMORY_TEMPLATE if mode == "memagent" else GATED_MEMORY_TEMPLATE
+  return GATED_MEMORY_TEMPLATE if modes.is_gated(mode) else MEMAGENT_MEMORY_TEMPLATE
 
 
 def render(tokenizer: Tokenizer, template: str, **fields: str) -> str:
@@ -75,8 +75,7 @@ def render(tokenizer: Tokenizer, template: str, **fields: str) -> str:
 
 
 def _check_mode(mode: str) -> None:
-  if mode not in MODES:
-    raise ValueError(f"mode={mode!r}: must be one of {MODES}")
+  modes.check_mode(mode, "mode")
 
 
 def _pieces(tokenizer: Tokenizer, template: str, fields: Sequence[str]) -> list[np.ndarray]:
@@ -112,7 +111,7 @@ class PromptBuilder:
     _check_mode(mode)
     self.tokenizer = tokenizer
     self.mode = mode
-    self.gated = mode != "memagent"
+    self.gated = modes.is_gated(mode)
     self.memory_template = memory_template(mode)
     self._memory_pieces = _pieces(tokenizer, self.memory_template, ("question", "memory", "chunk"))
     self._answer_pieces = _pieces(tokenizer, ANSWER_TEMPLATE, ("question", "memory"))

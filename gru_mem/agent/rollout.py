@@ -5,8 +5,8 @@ Modes:
   gru_mem          M_t = candidate if U_t = yes else M_{t-1}; reading stops after E_t = end.
   gru_mem_no_exit  the gates are written and U_t applies, E_t is ignored: every chunk is read.
 
-The agent state is an explicit carry (`AgentState`: memory ids, alive mask, next chunk, exit chunk
-per row). `rollout_step` is one step of the recurrence: it builds the prompt of every live row,
+The agent state is an explicit carry (`AgentState`: memory ids, alive mask, next chunk, last
+chunk read per row). `rollout_step` is one step of the recurrence: it builds the prompt of every live row,
 makes ONE sampler call for all of them (rows that exited or ran out of chunks are not in it, so
 they stop costing compute; the sampler pads the live batch to a bucket size) and folds the parsed
 responses into the next state. `rollout` drives the steps, then makes the answer turn.
@@ -25,9 +25,8 @@ import jax
 import numpy as np
 
 from gru_mem import gates
-from gru_mem.agent import parse, prompts
+from gru_mem.agent import modes, parse, prompts
 
-MODES = ("memagent", "gru_mem", "gru_mem_no_exit")
 Policy = Callable[[list, jax.Array, int], "object"]  # (prompts, rng, max_new_tokens) -> Generation
 
 
@@ -40,26 +39,25 @@ class RolloutSettings:
   samples_per_example: int = 1  # G, the group size
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"mode={self.mode!r}: use one of {MODES}")
+    modes.check_mode(self.mode, "mode")
     for name in ("memory_tokens", "max_response_tokens", "max_answer_tokens", "samples_per_example"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
 
   @property
   def gated(self) -> bool:
-    return self.mode != "memagent"
+    return modes.is_gated(self.mode)
 
   @property
   def exit_enabled(self) -> bool:
-    return self.mode == "gru_mem"
+    return modes.exit_enabled(self.mode)
 
 
 @dataclasses.dataclass
 class AgentExample:
   """What a rollout needs of an example: question ids, the chunked document, gold answers."""
   question_ids: np.ndarray  # [question_tokens]
-  chunks: "object"  # gru_mem.data.chunking.ChunkedDocument: num_chunks, chunk(i), evidence flags
+  chunks: "object"  # gru_mem.agent.chunking.ChunkedDocument: num_chunks, chunk(i), evidence flags
   answers: tuple[str, ...] = ()
   answer_mode: str = "any"  # "all": every gold value is needed (multi-value needles)
   example_id: str = ""
@@ -67,7 +65,7 @@ class AgentExample:
   @classmethod
   def from_example(cls, example, tokenizer, chunk_tokens: int) -> "AgentExample":
     """Tokenizes a data.Example once: question ids and the chunked document with evidence flags."""
-    from gru_mem.data.chunking import chunk_example
+    from gru_mem.agent.chunking import chunk_example
     question_ids = np.asarray(tokenizer.encode(example.question), np.int32)
     if not len(question_ids):
       raise ValueError(f"example {example.id!r}: field 'question' is empty")
@@ -96,7 +94,7 @@ class Trajectory:
   turns: list  # memory turns in order
   answer_turn: Optional[Turn] = None
   answer: Optional[str] = None  # the last \boxed{} of the answer turn, None when absent
-  exit_chunk: int = -1  # the chunk after which reading stopped
+  last_chunk_read: int = -1  # the chunk after which reading stopped
   num_chunks: int = 0
   last_evidence_chunk: int = -1
   said_end: bool = False  # the exit gate said `end` (else the trajectory ran out of chunks)
@@ -112,7 +110,7 @@ class AgentState:
   memory: list  # [rows] of int32 arrays, M_{t-1}
   alive: np.ndarray  # [rows] bool: still reading
   next_chunk: np.ndarray  # [rows] int: the chunk this row reads next
-  exit_chunk: np.ndarray  # [rows] int: last chunk read so far (-1 before the first)
+  last_chunk_read: np.ndarray  # [rows] int: the last chunk read so far (-1 before the first)
   said_end: np.ndarray  # [rows] bool
 
 
@@ -131,7 +129,7 @@ def initial_state(examples: Sequence[AgentExample], samples_per_example: int) ->
       memory=[np.zeros((0,), np.int32) for _ in range(rows)],
       alive=np.ones(rows, bool),
       next_chunk=np.zeros(rows, np.int64),
-      exit_chunk=np.full(rows, -1, np.int64),
+      last_chunk_read=np.full(rows, -1, np.int64),
       said_end=np.zeros(rows, bool))
 
 
@@ -156,25 +154,19 @@ def rollout_step(policy: Policy, builder, tokenizer, examples: Sequence[AgentExa
 
   memory = list(state.memory)
   alive, next_chunk = state.alive.copy(), state.next_chunk.copy()
-  exit_chunk, said_end = state.exit_chunk.copy(), state.said_end.copy()
+  last_chunk_read, said_end = state.last_chunk_read.copy(), state.said_end.copy()
   turns = {}
   for i, row in enumerate(live):
     example = examples[row // G]
     chunk_index = int(state.next_chunk[row])
     response_ids = np.asarray(generation.row(i), np.int32)
     text = tokenizer.decode(response_ids)
-    if settings.gated:
-      parsed = parse.parse_response(text, settings.memory_tokens, tokenizer)
-      update_gate, exit_gate, format_ok = parsed.update_gate, parsed.exit_gate, parsed.format_ok
-      if parse.effective_update(update_gate):
-        memory[row] = np.asarray(parsed.candidate_memory_ids, np.int32)
-      stop = settings.exit_enabled and parse.effective_exit(exit_gate)
-    else:
-      new_memory, format_ok = parse.parse_memagent_response(text)
-      memory[row] = np.asarray(parse.cut_to_tokens(new_memory, settings.memory_tokens, tokenizer)[1],
-                               np.int32)
-      update_gate, exit_gate, stop = gates.UPDATE_YES, gates.EXIT_CONTINUE, False
-    exit_chunk[row] = chunk_index
+    parsed = parse.parse_response(text, settings.memory_tokens, tokenizer, mode=settings.mode)
+    update_gate, exit_gate, format_ok = parsed.update_gate, parsed.exit_gate, parsed.format_ok
+    if parse.effective_update(update_gate):  # always in memagent
+      memory[row] = np.asarray(parsed.candidate_memory_ids, np.int32)
+    stop = settings.exit_enabled and parse.effective_exit(exit_gate)
+    last_chunk_read[row] = chunk_index
     next_chunk[row] = chunk_index + 1
     said_end[row] = stop
     alive[row] = (not stop) and next_chunk[row] < example.chunks.num_chunks
@@ -184,7 +176,7 @@ def rollout_step(policy: Policy, builder, tokenizer, examples: Sequence[AgentExa
         chunk_index=chunk_index, has_evidence=chunk_index in example.chunks.evidence_chunks,
         update_gate=int(update_gate), exit_gate=int(exit_gate), format_ok=bool(format_ok),
         memory_length=len(memory[row]))
-  return AgentState(memory, alive, next_chunk, exit_chunk, said_end), turns
+  return AgentState(memory, alive, next_chunk, last_chunk_read, said_end), turns
 
 
 def rollout(policy: Policy, builder, tokenizer, examples: Sequence[AgentExample], rng: jax.Array,
@@ -235,7 +227,7 @@ def rollout(policy: Policy, builder, tokenizer, examples: Sequence[AgentExample]
         logprobs=np.asarray(generation.logprobs[row, :len(response_ids)], np.float32),
         chunk_index=-1, has_evidence=False, format_ok=bool(answer_ok),
         memory_length=len(state.memory[row]))
-    trajectory.exit_chunk = int(state.exit_chunk[row])
+    trajectory.last_chunk_read = int(state.last_chunk_read[row])
     trajectory.said_end = bool(state.said_end[row])
   end = time.perf_counter()
   return RolloutResult(trajectories, rows_per_step, step_seconds, end - answer_start, end - start)

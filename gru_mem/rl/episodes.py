@@ -3,20 +3,23 @@
 A rollout of B examples x G samples becomes, per example (group), the padded arrays that
 `rewards.group_rewards` takes (`alive [B, G, T]` etc.), the advantages of every turn, and then
 one `LearnerRow` per turn (every memory turn and the answer turn), each carrying its advantage.
+`score_rollout` does all of it once and returns a `ScoredRollout` (training keeps its learner
+rows, evaluation its metrics).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from gru_mem import gates
+from gru_mem.agent import modes
 from gru_mem.agent.rollout import Trajectory
 from gru_mem.data import metrics
 from gru_mem.rl import advantages, rewards
-from gru_mem.rl.learner import LearnerRow
+from gru_mem.rl.batch import LearnerRow
 
 MATCHERS = {"exact": "exact_match", "sub_exact": "sub_exact_match", "needles": "needles"}
 
@@ -80,12 +83,14 @@ def group_arrays(trajectories: Sequence[Trajectory], examples: Sequence, group_s
 
 
 def compute_rewards_and_advantages(arrays: GroupArrays, rl, mode: str) -> dict[str, np.ndarray]:
-  """Rewards (outcome, format, exit, update) and advantages for every turn, by the config `rl`."""
-  gated = mode != "memagent"
+  """Rewards (outcome, format, exit, update) and advantages for every turn, by the config `rl`:
+  r_out, r_fmt, r_exit, r_traj [B, G], r_upd [B, G, T], exit_timing [B, G], memory_advantage
+  [B, G, T], answer_advantage [B, G], zero_advantage_group [B]."""
+  gated = modes.is_gated(mode)
   out = rewards.group_rewards(
       arrays.correct, arrays.memory_format_ok, arrays.answer_format_ok, arrays.alive,
       arrays.update_decision, arrays.chunk_has_evidence, arrays.last_evidence_chunk,
-      use_exit_reward=mode == "gru_mem", use_update_reward=gated,
+      use_exit_reward=modes.exit_enabled(mode), use_update_reward=gated,
       exit_early_penalty=rl.exit_early_penalty, exit_late_penalty=rl.exit_late_penalty,
       outcome_reward_weight=rl.outcome_reward_weight, format_reward_weight=rl.format_reward_weight,
       exit_reward_weight=rl.exit_reward_weight, update_correct_reward=rl.update_correct_reward,
@@ -126,7 +131,7 @@ def rollout_metrics(arrays: GroupArrays, signal: dict[str, np.ndarray]) -> dict[
   """Per-step numbers a researcher plots: rewards by part, gate accuracies, exits, memory."""
   alive = arrays.alive
   evidence = alive & arrays.chunk_has_evidence
-  plain = alive & ~arrays.chunk_has_evidence
+  non_evidence = alive & ~arrays.chunk_has_evidence
   said_yes = arrays.update_decision == gates.UPDATE_YES
   said_no = arrays.update_decision == gates.UPDATE_NO
   timing = signal["exit_timing"]
@@ -138,7 +143,7 @@ def rollout_metrics(arrays: GroupArrays, signal: dict[str, np.ndarray]) -> dict[
       "reward/trajectory": float(signal["r_traj"].mean()),
       "reward/update": float(signal["r_upd"].sum() / max(alive.sum(), 1)),
       "gate/update_acc_evidence": _fraction(said_yes & evidence, evidence),
-      "gate/update_acc_non_evidence": _fraction(said_no & plain, plain),
+      "gate/update_acc_non_evidence": _fraction(said_no & non_evidence, non_evidence),
       "gate/exit_early": float((timing < 0).mean()),
       "gate/exit_exact": float((timing == 0).mean()),
       "gate/exit_late": float((timing > 0).mean()),
@@ -152,3 +157,35 @@ def rollout_metrics(arrays: GroupArrays, signal: dict[str, np.ndarray]) -> dict[
 def _fraction(hits: np.ndarray, total: np.ndarray) -> float:
   count = total.sum()
   return float(hits.sum() / count) if count else float("nan")
+
+
+@dataclasses.dataclass
+class ScoredRollout:
+  """A rollout of B groups of G trajectories, scored once: the reward inputs (`arrays`), the
+  rewards and advantages (`signal`, see `compute_rewards_and_advantages`), the per-step
+  `metrics` (`rollout_metrics`)."""
+  trajectories: Sequence[Trajectory]
+  group_size: int
+  arrays: GroupArrays
+  signal: dict[str, np.ndarray]
+  metrics: dict[str, float]
+
+  @property
+  def zero_advantage_group(self) -> np.ndarray:
+    """[B] bool: every turn of the group has advantage 0 (no gradient; dynamic sampling drops it)."""
+    return self.signal["zero_advantage_group"]
+
+  def learner_rows(self, keep_groups: Optional[np.ndarray] = None) -> list[LearnerRow]:
+    """One row per turn of each kept group ([B] bool; default all), see `learner_rows`."""
+    if keep_groups is None:
+      keep_groups = np.ones(len(self.zero_advantage_group), bool)
+    return learner_rows(self.trajectories, self.signal, self.group_size, keep_groups)
+
+
+def score_rollout(trajectories: Sequence[Trajectory], examples: Sequence, group_size: int,
+                  rl_config, mode: str) -> ScoredRollout:
+  """Example-major trajectories (B * G) of `examples` -> rewards, advantages and metrics, by the
+  config section `rl_config` (answer_match, reward weights, alpha, ...) and the agent `mode`."""
+  arrays = group_arrays(trajectories, examples, group_size, rl_config.answer_match)
+  signal = compute_rewards_and_advantages(arrays, rl_config, mode)
+  return ScoredRollout(trajectories, group_size, arrays, signal, rollout_metrics(arrays, signal))
