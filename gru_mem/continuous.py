@@ -22,7 +22,8 @@ step (the cache writes at a per-row index). The host loop:
 So while rows wait, at most R - 1 slots idle, and the device loop is left once per R finished
 rows (R trades idle slots against host round trips and prefill calls; see
 benchmarks/continuous_batching.py). Compilations: the slot decode and the empty-slot state once
-per (S, P), the group prefill and the copy into slots once per (group bucket, length bucket).
+per (S, P), the group prefill once per (group bucket, length bucket), the copy into slots once
+per (S, P, group bucket, length bucket); S is a batch bucket and P a length bucket.
 
 Same results as the static path: row i's token t is drawn with key fold_in(fold_in(rng, i), t),
 t being the row's own step, and a query only sees its own row's valid cache columns, so a row's
