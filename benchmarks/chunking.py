@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QWEN2_TOKENIZER = os.path.join(REPO, "..", "shared", "data", "qwen2_tokenizer")
+# The Qwen2 tokenizer folder of the sample data (GRU_MEM_SAMPLE_DATA), if given.
+QWEN2_TOKENIZER = os.path.join(os.environ.get("GRU_MEM_SAMPLE_DATA", ""), "qwen2_tokenizer")
 BASE_TOKENS = 100_000
 CHUNK_TOKENS = 4096
 

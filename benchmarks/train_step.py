@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from gru_mem.model import transformer  # noqa: E402
 from gru_mem.model.config import preset  # noqa: E402
-from gru_mem.rl import batch as rl_batch  # noqa: E402
+from gru_mem.rl import batch as batch_lib  # noqa: E402
 from gru_mem.rl import learner  # noqa: E402
 
 
@@ -50,12 +50,12 @@ def bench_learner(name, config, rows, prompt_len, response_len, iterations):
   rng = np.random.default_rng(0)
   settings = learner.LearnerSettings(learning_rate=1e-5, kl_beta=0.0, micro_batch_rows=rows,
                                      compute_entropy=False)
-  batch_rows = [rl_batch.LearnerRow(
+  batch_rows = [batch_lib.LearnerRow(
       prompt_ids=rng.integers(1, config.vocab_size, prompt_len).astype(np.int32),
       response_ids=rng.integers(1, config.vocab_size, response_len).astype(np.int32),
       advantage=float(rng.normal()), old_logprobs=np.full(response_len, -3.0, np.float32))
       for _ in range(rows)]
-  batch = rl_batch.pack_rows(batch_rows, settings.length_buckets, settings.micro_batch_rows)
+  batch = batch_lib.pack_rows(batch_rows, settings.length_buckets, settings.micro_batch_rows)
   state = learner.create_train_state(transformer.init_params(config, jax.random.PRNGKey(0)),
                                      settings)
   step = learner.make_train_step(config, settings)

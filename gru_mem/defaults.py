@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # matmul dtype
   c.model.scan_layers = False  # nn.scan over layers (faster compiles for deep models)
   c.model.remat_policy = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  c.model.attention = "auto"  # auto | xla | chunked | cudnn (GPU) | splash (TPU): model/attention.py
   c.model.init_workdir = ""  # a run folder (e.g. the SFT stage's) whose latest params start RL
 
   c.tokenizer = "builtin"  # "builtin" (synthetic tasks) or a local HF tokenizer folder

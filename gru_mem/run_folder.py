@@ -51,16 +51,28 @@ def completed_steps(workdir: str) -> Optional[int]:
     return manager.latest_step()
 
 
+def _resolve(manager: checkpoint.CheckpointManager, workdir: str, step: Optional[int],
+             what: str) -> int:
+  steps = manager.all_steps()
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"{what} {workdir} has no checkpoint for step {step}; available: "
+                            f"{steps}")
+  if step is None and not steps:
+    raise FileNotFoundError(f"{what} {workdir}: no complete checkpoint in "
+                            f"{checkpoint.checkpoint_dir(workdir)} yet")
+  return int(manager.resolve_step(step))
+
+
 def resolve_step(workdir: str, step: Optional[int] = None, what: str = "--workdir") -> int:
   """`step` if the run has it, else (None) its latest complete checkpoint."""
   with _manager(workdir, what) as manager:
-    return int(manager.resolve_step(step))
+    return _resolve(manager, workdir, step, what)
 
 
 def read_run(workdir: str, step: Optional[int] = None, what: str = "--workdir") -> RunInfo:
   """Model config, tokenizer and experiment config of checkpoint `step`; reads no weights."""
   with _manager(workdir, what) as manager:
-    step = int(manager.resolve_step(step))
+    step = _resolve(manager, workdir, step, what)
     metadata = manager.restore_json(checkpoint.CONFIG, step)
   if "model_config" not in metadata:
     raise ValueError(f"{what} {workdir}: the checkpoint's config item has no model_config")
@@ -75,7 +87,8 @@ def load_params(workdir: str, step: Optional[int] = None,
   """The params of checkpoint `step` (default: the latest) as host numpy arrays, nothing else
   read. With `model_config` their shapes are checked against that model's."""
   with _manager(workdir, what) as manager:
-    params = jax.tree.map(np.asarray, manager.restore_params(manager.resolve_step(step)))
+    params = jax.tree.map(np.asarray,
+                          manager.restore_params(_resolve(manager, workdir, step, what)))
   if model_config is not None:
     want = jax.tree.map(lambda x: x.shape, jax.eval_shape(
         lambda: transformer.init_params(model_config, jax.random.PRNGKey(0))))

@@ -28,7 +28,7 @@ def model_config_from(config, tokenizer: Optional[Tokenizer] = None) -> ModelCon
   raised to fit `tokenizer` unless model.vocab_size is set). Dtypes, scan and remat from config."""
   m = config.model
   overrides = dict(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers,
-                   remat_policy=m.remat_policy)
+                   remat_policy=m.remat_policy, attention=m.get("attention", "auto"))
   if m.hf_path:
     return from_hf_config(hf.read_hf_config(m.hf_path), **overrides)
   model_config = preset(m.preset, **overrides)

@@ -139,6 +139,13 @@ def check_model_source(config) -> None:
         "Qwen2.5-7B-Instruct) to a local folder and pass --config.model.hf_path=/that/folder")
 
 
+def check_tokenizer_source(config) -> None:
+  name = config.tokenizer
+  if name and name != "builtin" and not os.path.isdir(name):
+    raise FileNotFoundError(f"tokenizer={name!r} does not exist: pass a local HF tokenizer folder "
+                            "(or 'builtin', or '' for the model's folder)")
+
+
 def validate(config) -> None:
   """RL training's settings (see the module doc)."""
   check_known_keys(config)
@@ -157,6 +164,7 @@ def validate(config) -> None:
   rollout_settings(config)  # checks the budgets
   learner_settings(config)  # checks the optimizer and loss settings
   check_model_source(config)
+  check_tokenizer_source(config)
   parallel.mesh_from_config(config.mesh)  # the mesh must match the devices
   sources.check_data_config(config.data)
 
@@ -181,4 +189,5 @@ def validate_sft(config) -> None:
   script_settings(config)
   sft_learner_settings(config)
   check_model_source(config)
+  check_tokenizer_source(config)
   sources.check_data_config(config.data)

@@ -24,5 +24,4 @@ if [ ! -f "$stamp" ] || [ "$REPO/setup.py" -nt "$stamp" ]; then
   touch "$stamp"
 fi
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-3}"
-export GRU_MEM_SAMPLE_DATA="${GRU_MEM_SAMPLE_DATA:-$REPO/../shared/data}"
 cd "$REPO"

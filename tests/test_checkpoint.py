@@ -140,7 +140,7 @@ def test_run_folder_reads_params_alone_and_resolves_steps(tmp_path):
   assert run_folder.resolve_step(str(tmp_path)) == 3
   assert run_folder.completed_steps(str(tmp_path)) == 3
   assert run_folder.completed_steps(str(tmp_path / "elsewhere")) is None
-  with pytest.raises(FileNotFoundError, match="no checkpoint for step 7 .*available: \\[2, 3\\]"):
+  with pytest.raises(FileNotFoundError, match="has no checkpoint for step 7; available: \\[2, 3\\]"):
     run_folder.resolve_step(str(tmp_path), 7)
   with pytest.raises(FileNotFoundError, match="elsewhere has no checkpoints/ folder"):
     run_folder.load_params(str(tmp_path / "elsewhere"))
@@ -161,16 +161,17 @@ def test_bad_inputs_fail_before_writing(tmp_path):
 _RESHARD_SCRIPT = """
 import jax, numpy as np, optax
 from gru_mem import checkpoint, parallel
-from gru_mem.model import config as model_config, shardings as model_shardings, transformer
+from gru_mem.model import config as model_config, transformer
+from gru_mem.model import shardings as shardings_lib
 workdir = {workdir!r}
 config = model_config.preset('tiny', num_layers=1)
 save_mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
-params = model_shardings.init_sharded_params(config, jax.random.PRNGKey(0), save_mesh)
+params = shardings_lib.init_sharded_params(config, jax.random.PRNGKey(0), save_mesh)
 with checkpoint.CheckpointManager(workdir, save_every=1) as manager:
   manager.save(1, {{'params': params}}, {{}}, None, wait=True)
 
 load_mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-shardings = model_shardings.param_shardings(config, load_mesh)
+shardings = shardings_lib.param_shardings(config, load_mesh)
 target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       params, shardings)
 manager = checkpoint.CheckpointManager(workdir, save_every=1)

@@ -199,7 +199,8 @@ def test_streaming_equals_whole_text_on_tricky_text(text, seed, slice_chars):
 
 
 def _qwen2_or_none():
-  path = os.path.join(REPO, "..", "shared", "data", "qwen2_tokenizer")
+  from conftest import sample_data_dir  # pylint: disable=import-outside-toplevel
+  path = os.path.join(sample_data_dir(), "qwen2_tokenizer")
   return _load_cached(path) if os.path.isdir(path) else None
 
 

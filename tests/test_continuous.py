@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gru_mem import continuous, sampling
-from gru_mem.model import transformer
+from gru_mem.model import attention, transformer
 from gru_mem.model.config import ModelConfig
 from gru_mem.sampling import SamplingSettings
 
@@ -84,6 +85,25 @@ def test_a_row_does_not_depend_on_its_slot_or_neighbours(model):
                                  limits[order])
   np.testing.assert_array_equal(shuffled.tokens, forward.tokens[order])
   np.testing.assert_allclose(shuffled.logprobs, forward.logprobs[order], atol=1e-5)
+
+
+@pytest.mark.parametrize("implementation,q_len", [("xla", 1), ("xla", 3), ("chunked", 1),
+                                                  ("chunked", 3)])
+def test_per_row_query_offsets_equal_one_row_at_a_time(implementation, q_len):
+  """The slots' cache index: query_offset [batch] gives each row what its own scalar offset does."""
+  rng = np.random.RandomState(0)
+  batch, k_len = 4, 20
+  q = rng.normal(size=(batch, q_len, 4, 8)).astype(np.float32)
+  k, v = (rng.normal(size=(batch, k_len, 2, 8)).astype(np.float32) for _ in range(2))
+  valid = rng.rand(batch, k_len) < 0.7
+  offsets = np.array([0, 5, 11, 17])
+  got = attention.attention(q, k, v, valid, jnp.asarray(offsets), implementation=implementation,
+                            block_size=8)
+  for b, offset in enumerate(offsets):
+    want = attention.attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], valid[b:b + 1],
+                               jnp.int32(offset), implementation=implementation, block_size=8)
+    np.testing.assert_allclose(got[b:b + 1], want, atol=1e-6, err_msg=f"row {b}")
+  assert not np.allclose(got[1], got[2])  # offsets really differ
 
 
 def test_compilations_are_bounded_by_slot_and_prompt_buckets(model):

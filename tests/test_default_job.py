@@ -24,7 +24,7 @@ def shrunk_config():
   c.sft.copy_tokens = 12
   c.sft.examples_per_step = 2
   c.sft.memagent_fraction = 0.0
-  c.sft.update_noise, c.sft.update_noise_plain = 0.3, 0.5  # stage 1 says no often: RL picks
+  c.sft.update_noise, c.sft.update_noise_non_evidence = 0.3, 0.5  # stage 1 says no often: RL picks
   c.sft.exit_noise, c.sft.exit_noise_complete = 0.0, 0.0
   c.sft.save_every = 1000
   c.sft.log_every = 50

@@ -90,7 +90,7 @@ def test_step_picks_that_checkpoint(run, tmp_path):
   ids = run.tokenizer.encode(SAMPLE_TEXT)
   np.testing.assert_allclose(our_logits(run.model_config, run.params[1], ids),
                              hf_logits(model, ids), atol=1e-5, rtol=0)
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint for --step 7; available: \[1, 2\]"):
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint for step 7; available: \[1, 2\]"):
     export_hf.export(run.workdir, str(tmp_path / "hf7"), step=7)
 
 

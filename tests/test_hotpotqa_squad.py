@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from gru_mem.agent import chunking, hotpotqa, squad
+from gru_mem.agent import chunking
+from gru_mem.data import hotpotqa, squad
 from gru_mem.data.tokenizer import builtin_tokenizer, load_tokenizer
 
 HEADER = re.compile(r"(?:^|\n\n)Document (\d+):\n([^\n]*)\n")

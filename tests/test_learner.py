@@ -1,5 +1,6 @@
 """Learner: exact micro-batching, the loss against a hand computation, learning direction,
-on-policy ratios, bounded compiles, and a sharded step equal to the single-device one."""
+on-policy ratios, bounded compiles, non-finite steps skipped, the NLL objective, and a sharded
+step equal to the single-device one."""
 
 import dataclasses
 import functools
@@ -15,7 +16,8 @@ import pytest
 
 from gru_mem.model import config as model_config
 from gru_mem.model import transformer
-from gru_mem.rl import learner
+from gru_mem.rl import batch as batch_lib
+from gru_mem.rl import learner, loss, optim
 
 CONFIG = model_config.preset("tiny", vocab_size=64)
 BUCKETS = (16, 32, 48)
@@ -45,7 +47,7 @@ def make_rows(seed, num_rows=8, with_ref=True, max_prompt=20, max_response=12):
     response = rng.integers(1, CONFIG.vocab_size, rng.integers(1, max_response + 1))
     old = rng.normal(np.log(1 / CONFIG.vocab_size), 0.3, len(response)).astype(np.float32)
     ref = rng.normal(np.log(1 / CONFIG.vocab_size), 0.3, len(response)).astype(np.float32)
-    rows.append(learner.LearnerRow(prompt, response, float(rng.normal()), old,
+    rows.append(batch_lib.LearnerRow(prompt, response, float(rng.normal()), old,
                                    ref if with_ref else None))
   return rows
 
@@ -100,7 +102,7 @@ def reference_loss(params, rows, eps_low, eps_high, beta):
 
 def test_pack_rows_layout():
   rows = make_rows(0, num_rows=5)
-  batch = learner.pack_rows(rows, BUCKETS, micro_batch_rows=2, pad_id=0)
+  batch = batch_lib.pack_rows(rows, BUCKETS, micro_batch_rows=2, pad_id=0)
   # 5 rows -> 3 micro-batches of 2 -> rounded up to 4.
   assert batch.tokens.shape[:2] == (4, 2) and int(batch.num_rows) == 5
   row, flat = rows[3], jax.tree.map(lambda x: x.reshape(8, *x.shape[2:]), batch.replace(num_rows=None))
@@ -113,15 +115,15 @@ def test_pack_rows_layout():
   np.testing.assert_array_equal(flat.old_logprobs[3, :response_len], row.old_logprobs)
   assert flat.response_mask[3].sum() == response_len and not flat.response_mask[5:].any()
   assert flat.advantages[3] == np.float32(row.advantage)
-  for values, row in zip(learner.response_values(batch, batch.ref_logprobs), rows):
+  for values, row in zip(batch_lib.response_values(batch, batch.ref_logprobs), rows):
     np.testing.assert_array_equal(values, row.ref_logprobs)
   with pytest.raises(ValueError, match="exceeds the largest length bucket 48"):
-    learner.pack_rows(make_rows(0, max_prompt=60), BUCKETS, 2)
+    batch_lib.pack_rows(make_rows(0, max_prompt=60), BUCKETS, 2)
   with pytest.raises(ValueError, match="row 1: give ref_logprobs for every row or for none"):
-    learner.pack_rows([rows[0], make_rows(1, with_ref=False)[0]], BUCKETS, 2)
+    batch_lib.pack_rows([rows[0], make_rows(1, with_ref=False)[0]], BUCKETS, 2)
   with pytest.raises(ValueError, match="row 0: old_logprobs has shape"):
     bad = make_rows(2, num_rows=1)[0]
-    learner.pack_rows([learner.LearnerRow(bad.prompt_ids, bad.response_ids, 1.0, np.zeros(99))],
+    batch_lib.pack_rows([batch_lib.LearnerRow(bad.prompt_ids, bad.response_ids, 1.0, np.zeros(99))],
                       BUCKETS, 2)
 
 
@@ -130,7 +132,7 @@ def test_micro_batches_give_the_same_update_as_one_batch():
   results = []
   for micro_rows in (8, 2):
     settings = dataclasses.replace(SETTINGS, micro_batch_rows=micro_rows)
-    batch = learner.pack_rows(rows, BUCKETS, micro_rows)
+    batch = batch_lib.pack_rows(rows, BUCKETS, micro_rows)
     assert batch.tokens.shape[:2] == (8 // micro_rows, micro_rows)
     state, step = fresh_state(settings), step_fn(settings)
     history = []
@@ -154,7 +156,7 @@ def test_micro_batches_give_the_same_update_as_one_batch():
 def test_loss_and_gradient_match_a_hand_computation():
   rows = make_rows(2)
   params = params_of(0)
-  batch = learner.pack_rows(rows, BUCKETS, SETTINGS.micro_batch_rows)
+  batch = batch_lib.pack_rows(rows, BUCKETS, SETTINGS.micro_batch_rows)
   new_state, metrics = step_fn(SETTINGS)(fresh_state(SETTINGS), batch)
   expected_loss, expected_grad = jax.value_and_grad(reference_loss)(
       params, rows, SETTINGS.clip_eps_low, SETTINGS.clip_eps_high, SETTINGS.kl_beta)
@@ -176,9 +178,9 @@ def test_loss_and_gradient_match_a_hand_computation():
 def test_on_policy_ratio_is_one_and_kl_to_itself_is_zero():
   rows = make_rows(3)
   params = params_of(0)
-  batch = learner.pack_rows(rows, BUCKETS, SETTINGS.micro_batch_rows)
+  batch = batch_lib.pack_rows(rows, BUCKETS, SETTINGS.micro_batch_rows)
   current = learner.policy_log_probs(CONFIG, params, batch)
-  np.testing.assert_allclose(np.concatenate(learner.response_values(batch, current)),
+  np.testing.assert_allclose(np.concatenate(batch_lib.response_values(batch, current)),
                              teacher_forced_log_probs(params, rows), atol=1e-5)
   batch = batch.replace(old_logprobs=current,
                         ref_logprobs=learner.reference_log_probs(CONFIG, params, batch))
@@ -197,7 +199,7 @@ def test_steps_raise_positive_and_lower_negative_responses():
   rows = make_rows(4, with_ref=False)
   for i, row in enumerate(rows):
     row.advantage = 1.0 if i % 2 == 0 else -1.0
-  batch = learner.pack_rows(rows, BUCKETS, settings.micro_batch_rows)
+  batch = batch_lib.pack_rows(rows, BUCKETS, settings.micro_batch_rows)
   state, step = fresh_state(settings), step_fn(settings)
   before = learner.policy_log_probs(CONFIG, state.params, batch)
   current = before
@@ -206,7 +208,7 @@ def test_steps_raise_positive_and_lower_negative_responses():
     current = learner.policy_log_probs(CONFIG, state.params, batch)
   assert "entropy" not in metrics
   change = [after.sum() - start.sum() for start, after in zip(
-      learner.response_values(batch, before), learner.response_values(batch, current))]
+      batch_lib.response_values(batch, before), batch_lib.response_values(batch, current))]
   for i, delta in enumerate(change):
     assert (delta > 0.05) if i % 2 == 0 else (delta < -0.05), (i, change)
 
@@ -219,7 +221,7 @@ def test_compiles_are_bounded_by_buckets():
   shapes = [(7, 10, 8), (8, 12, 10), (5, 8, 5), (6, 20, 12), (5, 9, 6), (8, 18, 13), (7, 7, 7)]
   signatures = set()
   for seed, (num_rows, max_prompt, max_response) in enumerate(shapes):
-    batch = learner.pack_rows(make_rows(seed, num_rows, True, max_prompt, max_response), BUCKETS,
+    batch = batch_lib.pack_rows(make_rows(seed, num_rows, True, max_prompt, max_response), BUCKETS,
                               2)
     signature = (batch.tokens.shape, batch.response_tokens.shape)
     traces = learner.TRACE_COUNTS["train_step"]
@@ -237,20 +239,20 @@ def test_settings_and_step_errors():
     learner.LearnerSettings(micro_batch_rows=0)
   with pytest.raises(ValueError, match="lr_schedule='cosine' needs decay_steps"):
     learner.LearnerSettings(lr_schedule="cosine")
-  batch = learner.pack_rows(make_rows(0, with_ref=False), BUCKETS, 8)
+  batch = batch_lib.pack_rows(make_rows(0, with_ref=False), BUCKETS, 8)
   with pytest.raises(ValueError, match="kl_beta=0.05 needs batch.ref_logprobs"):
     step_fn(SETTINGS)(fresh_state(SETTINGS), batch)
 
 
 def test_learning_rate_schedule():
   warm = learner.LearnerSettings(learning_rate=1.0, warmup_steps=4)
-  np.testing.assert_allclose([learner.learning_rate_at(warm, t) for t in range(6)],
+  np.testing.assert_allclose([optim.learning_rate_at(warm, t) for t in range(6)],
                              [0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
   cosine = learner.LearnerSettings(learning_rate=1.0, warmup_steps=2, lr_schedule="cosine",
                                    decay_steps=4, final_lr_fraction=0.2)
   # after warmup: 0.2 + 0.8 * (1 + cos(pi * s / 4)) / 2 for s = 0..4, then flat.
   expected = [0.5, 1.0] + [0.2 + 0.4 * (1 + np.cos(np.pi * s / 4)) for s in range(5)] + [0.2]
-  np.testing.assert_allclose([learner.learning_rate_at(cosine, t) for t in range(8)], expected,
+  np.testing.assert_allclose([optim.learning_rate_at(cosine, t) for t in range(8)], expected,
                              rtol=1e-6)
 
 
@@ -258,11 +260,11 @@ _SHARDED = """
 import jax, numpy as np
 from gru_mem import parallel
 from gru_mem.model import config as model_config, transformer
-from gru_mem.rl import learner
+from gru_mem.rl import batch as batch_lib, learner
 import test_learner as T
 assert jax.device_count() == 8, jax.devices()
 settings = T.SETTINGS
-batch = learner.pack_rows(T.make_rows(5), T.BUCKETS, settings.micro_batch_rows)
+batch = batch_lib.pack_rows(T.make_rows(5), T.BUCKETS, settings.micro_batch_rows)
 
 single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 params = jax.device_put(T.params_of(0), single)
@@ -274,7 +276,7 @@ expected = jax.device_get((state.params, metrics))
 mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
 shardings = learner.state_shardings(T.CONFIG, settings, mesh)
 sharded_state = learner.create_train_state(T.params_of(0), settings, shardings)
-sharded_batch = learner.shard_batch(batch, mesh)
+sharded_batch = batch_lib.pack_rows(T.make_rows(5), T.BUCKETS, settings.micro_batch_rows, mesh=mesh)
 assert sharded_batch.tokens.sharding.spec[1] == ("data", "fsdp")
 np.testing.assert_allclose(
     learner.policy_log_probs(T.CONFIG, sharded_state.params, sharded_batch, mesh), expected_logp,

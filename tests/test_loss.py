@@ -29,9 +29,10 @@ def _terms(logp, **kwargs):
 
 
 def test_clipped_surrogate_both_signs():
-  token_loss, clipped = loss.clipped_surrogate(LOGP, ADVANTAGES[:, None])
+  token_loss, clipped, dual_clipped = loss.clipped_surrogate(LOGP, ADVANTAGES[:, None])
   np.testing.assert_allclose(token_loss, EXPECTED_TOKEN_LOSS, rtol=1e-6)
   np.testing.assert_array_equal(clipped, [[False, False, True], [True, False, False]])
+  assert not np.any(dual_clipped)
   terms = _terms(LOGP)
   np.testing.assert_allclose(terms["loss_sum"], 2.04, rtol=1e-6)
   assert float(terms["token_count"]) == 6.0
@@ -43,6 +44,83 @@ def test_gradient_is_zero_exactly_where_clipped():
   grad = jax.grad(lambda logp: _terms(logp)["loss_sum"])(jnp.asarray(LOGP))
   np.testing.assert_allclose(grad, EXPECTED_GRAD, rtol=1e-6)
   assert grad[0, 2] == 0.0 and grad[1, 0] == 0.0
+
+
+def test_dual_clip_caps_negative_advantage_losses_at_minus_c_a():
+  # rho = (0.5, 1, 2, 4, 8), c = 3:  A = -2: l = -min(rho A, clip(rho, .8, 1.28) A) =
+  # (1.6, 2, 4, 8, 16) (rho .5 clipped), capped at -c A = 6 -> (1.6, 2, 4, 6, 6);
+  # A = +2: (-1, -2, -2.56, -2.56, -2.56), untouched by the cap.
+  ratios = np.array([0.5, 1.0, 2.0, 4.0, 8.0])
+  log_ratio = np.log(np.stack([ratios, ratios])).astype(np.float32)
+  advantages = np.array([[-2.0], [2.0]], np.float32)
+  token_loss, _, dual = loss.clipped_surrogate(log_ratio, advantages, clip_ratio_c=3.0)
+  np.testing.assert_allclose(token_loss, [[1.6, 2, 4, 6, 6], [-1, -2, -2.56, -2.56, -2.56]],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(dual, [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0]])
+  # With c = 0 the A < 0 losses grow with rho: 8 and 16.
+  np.testing.assert_allclose(loss.clipped_surrogate(log_ratio, advantages)[0][0],
+                             [1.6, 2, 4, 8, 16], rtol=1e-6)
+  # In the sums: loss_sum = (1.6 + 2 + 4 + 6 + 6) + (-1 - 2 - 3 * 2.56); the capped tokens give
+  # no gradient (d l / d log rho = -A rho = 2 rho only on the unclipped, uncapped A < 0 tokens).
+  mask = np.ones_like(log_ratio, bool)
+  terms_of = lambda lp: loss.policy_loss_terms(lp, np.zeros(lp.shape, np.float32), None,
+                                               advantages[:, 0], mask, kl_beta=0.0,
+                                               clip_ratio_c=3.0)
+  terms = terms_of(log_ratio)
+  np.testing.assert_allclose(terms["loss_sum"], 19.6 - 3 - 7.68, rtol=1e-6)
+  assert float(terms["dual_clipped_token_count"]) == 2.0
+  np.testing.assert_allclose(loss.token_means(terms)["dual_clip_fraction"], 0.2, rtol=1e-6)
+  grad = jax.grad(lambda lp: terms_of(lp)["loss_sum"])(jnp.asarray(log_ratio))
+  np.testing.assert_allclose(grad, [[0, 2, 4, 0, 0], [-1, -2, 0, 0, 0]], rtol=1e-6, atol=1e-7)
+
+
+def test_log_ratio_and_kl_clamps():
+  # log rho = 30 with A = +1 is clipped anyway (loss -1.28); with A = -1 and no dual-clip the
+  # loss is rho = e^30 unclamped, e^20 with log_ratio_clamp 20; ratio_sum sees the clamp too.
+  log_ratio = np.array([[30.0], [30.0]], np.float32)
+  mask = np.ones_like(log_ratio, bool)
+  adv = np.array([1.0, -1.0], np.float32)
+  free = loss.policy_loss_terms(log_ratio, np.zeros_like(log_ratio), None, adv, mask, kl_beta=0.0)
+  clamped = loss.policy_loss_terms(log_ratio, np.zeros_like(log_ratio), None, adv, mask,
+                                   kl_beta=0.0, log_ratio_clamp=20.0)
+  np.testing.assert_allclose(free["loss_sum"], math.exp(30) - 1.28, rtol=1e-6)
+  np.testing.assert_allclose(clamped["loss_sum"], math.exp(20) - 1.28, rtol=1e-6)
+  np.testing.assert_allclose(clamped["ratio_sum"], 2 * math.exp(20), rtol=1e-6)
+  # k3 with r = ref - logp = 3: e^3 - 3 - 1 = 16.09 -> 10 with kl_clamp 10; r = 25 -> e^20 - 21
+  # with log_ratio_clamp 20 alone, 10 with both. r = -3: e^-3 + 2 = 2.05, under the clamp.
+  np.testing.assert_allclose(loss.k3_kl(0.0, 3.0), math.exp(3) - 4, rtol=1e-6)
+  np.testing.assert_allclose(loss.k3_kl(0.0, 3.0, kl_clamp=10.0), 10.0)
+  np.testing.assert_allclose(loss.k3_kl(0.0, 25.0, log_ratio_clamp=20.0), math.exp(20) - 21,
+                             rtol=1e-6)
+  np.testing.assert_allclose(loss.k3_kl(0.0, 25.0, log_ratio_clamp=20.0, kl_clamp=10.0), 10.0)
+  np.testing.assert_allclose(loss.k3_kl(0.0, -3.0, kl_clamp=10.0), math.exp(-3) + 2, rtol=1e-6)
+  # A clamped KL gives no gradient: d/d logp of k3 = 1 - e^r, 0 where the clamp binds.
+  grad = jax.grad(lambda lp: jnp.sum(loss.k3_kl(lp, jnp.array([3.0, 1.0]), kl_clamp=10.0)))(
+      jnp.zeros(2))
+  np.testing.assert_allclose(grad, [0.0, 1 - math.e], rtol=1e-6)
+
+
+def test_with_the_safety_terms_off_the_loss_is_the_old_formula_bit_for_bit():
+  rng = np.random.default_rng(1)
+  logp = rng.normal(-2, 0.5, (4, 6)).astype(np.float32)
+  old = logp + rng.normal(0, 0.4, (4, 6)).astype(np.float32)
+  ref = logp + rng.normal(0, 0.4, (4, 6)).astype(np.float32)
+  adv = rng.normal(0, 1, 4).astype(np.float32)
+  mask = rng.random((4, 6)) < 0.8
+
+  @jax.jit
+  def old_loss_sum(lp):  # loss.py before issue 19
+    log_ratio = jnp.where(mask, lp - old, 0.0)
+    ratio = jnp.exp(log_ratio)
+    a = adv[:, None]
+    policy = -jnp.minimum(ratio * a, jnp.clip(ratio, 0.8, 1.28) * a)
+    r = jnp.where(mask, ref, 0.0) - jnp.where(mask, lp, 0.0)
+    return jnp.sum(jnp.where(mask, policy + 0.01 * (jnp.exp(r) - r - 1.0), 0.0))
+
+  new_loss_sum = jax.jit(lambda lp: loss.policy_loss_terms(lp, old, ref, adv, mask,
+                                                           kl_beta=0.01)["loss_sum"])
+  np.testing.assert_array_equal(new_loss_sum(logp), old_loss_sum(logp))
+  np.testing.assert_array_equal(jax.grad(new_loss_sum)(logp), jax.grad(old_loss_sum)(logp))
 
 
 def test_k3_kl():

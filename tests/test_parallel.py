@@ -19,6 +19,7 @@ import jax, jax.numpy as jnp, numpy as np, optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from gru_mem import parallel
 from gru_mem.model import config as model_config, transformer
+from gru_mem.model import shardings as shardings_lib
 assert jax.device_count() == 8, jax.devices()
 mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
 """
@@ -83,13 +84,33 @@ def test_mesh_on_8_devices():
     raise AssertionError('expected an error for batch 6 on data*fsdp=4')
   except ValueError as e:
     assert 'not divisible by data*fsdp = 4' in str(e), e
+  # The learner's [micro, rows, ...] layout: rows (dim 1) split, a 0-d row count replicated.
+  learner_batch = parallel.shard_batch({'tokens': np.zeros((2, 8, 5)), 'num_rows': np.int32(7)},
+                                       mesh, batch_axis=1)
+  assert learner_batch['tokens'].sharding.spec == P(None, ('data', 'fsdp'))
+  assert learner_batch['tokens'].addressable_shards[0].data.shape == (2, 2, 5)
+  assert learner_batch['num_rows'].sharding.is_fully_replicated
+  try:
+    parallel.shard_batch({'x': np.zeros((2, 6))}, mesh, batch_axis=1)
+    raise AssertionError('expected an error for 6 rows on data*fsdp=4')
+  except ValueError as e:
+    assert 'dim 1 of shape (2, 6) is not divisible by data*fsdp = 4' in str(e), e
   """)
+
+
+def test_parallel_does_not_import_the_model():
+  import ast  # pylint: disable=import-outside-toplevel
+  tree = ast.parse(open(parallel.__file__).read())
+  imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+              for alias in node.names]
+  imported += [node.module or '' for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+  assert not [name for name in imported if name.startswith('gru_mem')], imported
 
 
 def test_param_and_optimizer_state_shardings():
   run_on_8_devices("""
   config = model_config.preset('tiny')
-  shardings = parallel.param_shardings(config, mesh)
+  shardings = shardings_lib.param_shardings(config, mesh)
   spec = lambda s: tuple(s.spec)
   attn = shardings['layers_0']['self_attn']
   expected = {
@@ -106,14 +127,14 @@ def test_param_and_optimizer_state_shardings():
     assert spec(got) == want, (name, got.spec)
 
   # One kv head cannot be split over tensor=2: that dim is replicated, the rest still sharded.
-  one_kv = parallel.param_shardings(config.replace(num_kv_heads=1), mesh)
+  one_kv = shardings_lib.param_shardings(config.replace(num_kv_heads=1), mesh)
   assert spec(one_kv['layers_0']['self_attn']['k_proj']['kernel']) == ('fsdp', None, None)
   assert spec(one_kv['layers_0']['self_attn']['q_proj']['kernel']) == ('fsdp', 'tensor', None)
   # Scanned layers get a replicated leading 'layers' dim.
-  scanned = parallel.param_shardings(config.replace(scan_layers=True), mesh)
+  scanned = shardings_lib.param_shardings(config.replace(scan_layers=True), mesh)
   assert spec(scanned['layers']['self_attn']['q_proj']['kernel']) == (None, 'fsdp', 'tensor', None)
   # Untied head: lm_head [embed, vocab].
-  untied = parallel.param_shardings(config.replace(tie_word_embeddings=False), mesh)
+  untied = shardings_lib.param_shardings(config.replace(tie_word_embeddings=False), mesh)
   assert spec(untied['lm_head']) == ('fsdp', 'tensor')
 
   params = jax.jit(lambda r: transformer.init_params(config, r))(jax.random.PRNGKey(0))
@@ -121,7 +142,7 @@ def test_param_and_optimizer_state_shardings():
   embed = sharded['embed_tokens']
   assert embed.addressable_shards[0].data.shape == (config.vocab_size // 2, config.hidden_size // 2)
   np.testing.assert_array_equal(np.asarray(embed), np.asarray(params['embed_tokens']))
-  created = parallel.init_sharded_params(config, jax.random.PRNGKey(0), mesh)
+  created = shardings_lib.init_sharded_params(config, jax.random.PRNGKey(0), mesh)
   np.testing.assert_allclose(np.asarray(created['embed_tokens']),
                              np.asarray(params['embed_tokens']), atol=1e-6)
   assert created['embed_tokens'].sharding.is_equivalent_to(shardings['embed_tokens'], 2)
@@ -153,7 +174,7 @@ def test_sharded_forward_matches_unsharded_and_constraints_apply():
     assert 'sharding_constraint' not in plain.as_text()  # no mesh + rules: constraints are off
     reference = np.asarray(plain.compile()(params, tokens, mask))
 
-    sharded_params = parallel.shard_params(params, parallel.param_shardings(config, mesh))
+    sharded_params = parallel.shard_params(params, shardings_lib.param_shardings(config, mesh))
     batch = parallel.shard_batch({'tokens': tokens, 'mask': mask}, mesh)
     with parallel.activate(mesh):
       lowered = jax.jit(forward).lower(sharded_params, batch['tokens'], batch['mask'])

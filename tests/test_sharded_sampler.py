@@ -1,10 +1,11 @@
 """The sampler on 8 fake CPU devices: sharded runs give the unsharded run's tokens and log-probs.
 
-Checked layouts: the learner's (params per `model.shardings.param_shardings` on a 2x2x2 data/fsdp/tensor
-mesh, prompts split over data/fsdp, the model's activation constraints active), and two sampler
-layouts reached by resharding those learner params device to device: tensor-parallel (2 x tensor
-4) and fully replicated with the batch over 8 devices. Runs in a subprocess with
-XLA_FLAGS=--xla_force_host_platform_device_count=8; this pytest process keeps one device.
+Checked layouts: the learner's (params per `model.shardings.param_shardings` on a 2x2x2
+data/fsdp/tensor mesh, prompts split over data/fsdp, the model's activation constraints active),
+and two sampler layouts reached by resharding those learner params device to device:
+tensor-parallel (2 x tensor 4) and fully replicated with the batch over 8 devices. Runs in a
+subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8; this pytest process keeps one
+device.
 """
 
 import json
@@ -18,7 +19,8 @@ import pytest
 _SCRIPT = """
 import jax, numpy as np
 from gru_mem import parallel, sampling
-from gru_mem.model import config as model_config, shardings as model_shardings, transformer
+from gru_mem.model import config as model_config, transformer
+from gru_mem.model import shardings as shardings_lib
 assert jax.device_count() == 8, jax.devices()
 
 rng = np.random.default_rng(0)
@@ -51,7 +53,7 @@ for config, modes, reshard in ((model_config.preset('tiny'), ('greedy', 'sampled
 
   # The learner's layout on a 2x2x2 mesh, batch over data/fsdp, constraints active.
   mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
-  learner_params = parallel.shard_params(params, model_shardings.param_shardings(config, mesh))
+  learner_params = parallel.shard_params(params, shardings_lib.param_shardings(config, mesh))
   assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(learner_params))
   traces = sampling.TRACE_COUNTS['prefill']
   with parallel.activate(mesh):
@@ -76,7 +78,7 @@ for config, modes, reshard in ((model_config.preset('tiny'), ('greedy', 'sampled
   tensor_mesh = parallel.make_mesh(data=2, fsdp=1, tensor=4)
   replicated_mesh = parallel.make_mesh(data=8)
   for sampler_mesh, label in ((tensor_mesh, 'tensor=4'), (replicated_mesh, 'replicated')):
-    target = model_shardings.param_shardings(config, sampler_mesh)
+    target = shardings_lib.param_shardings(config, sampler_mesh)
     sampler_params = jax.device_put(learner_params, target)  # device to device
     jax.tree.map(lambda leaf, want: np.testing.assert_equal(leaf.sharding, want),
                  sampler_params, target)

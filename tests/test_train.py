@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +64,27 @@ def test_train_writes_metrics_and_resumes_exactly_after_sigkill(tmp_path):
   _, position, _ = manager.restore()
   manager.close()
   assert position["examples_consumed"] == 6 * 2
+
+  # SIGTERM (preemption): the step in flight finishes, a checkpoint of it is written, exit 0; a
+  # restart resumes exactly.
+  terminated = str(tmp_path / "terminated")
+  process = start_training(terminated, 6)
+  while not os.path.isdir(os.path.join(terminated, "checkpoints", "2")):
+    assert process.poll() is None, process.stdout.read()
+    assert time.time() < deadline + 600, "no checkpoint 2"
+    time.sleep(0.2)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=600)
+  assert process.returncode == 0, output
+  stopped = re.search(r"stopped after step (\d+) of 6: SIGTERM received; checkpoint (\d+)", output)
+  assert stopped and stopped.group(1) == stopped.group(2), output
+  assert 2 <= int(stopped.group(1)) < 6, output
+  with checkpoint.CheckpointManager(terminated, read_only=True) as manager:
+    assert manager.latest_step() == int(stopped.group(1))
+  train.train(smoke.get_config(), terminated)
+  for a, b in zip(jax.tree.leaves(final_straight),
+                  jax.tree.leaves(run_folder.load_params(terminated))):
+    np.testing.assert_array_equal(a, b)
 
   # The trained checkpoint exports to a folder transformers loads with the same logits.
   import torch

@@ -117,7 +117,8 @@ def tokenize_with_offsets(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray,
   the tokens decoded one by one (exact for text whose characters are never split across tokens).
   """
   try:
-    encoding = tokenizer.hf(text, return_offsets_mapping=True, add_special_tokens=False)
+    encoding = tokenizer.hf(text, return_offsets_mapping=True, add_special_tokens=False,
+                            verbose=False)  # a slice may exceed the model's window: expected
   except (NotImplementedError, TypeError, ValueError):
     encoding = None
   if encoding is not None and encoding.get("offset_mapping") is not None:

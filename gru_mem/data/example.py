@@ -9,6 +9,7 @@ single-needle tasks) or "all" (every one is needed: RULER multi-value / multi-qu
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -178,3 +179,17 @@ def assemble_documents(gold: Sequence[tuple[str, Sequence[tuple[int, int]]]], po
   evidence = sorted((start + s, start + e) for start, (_, spans) in zip(body_starts, entries)
                     for s, e in spans)
   return text, evidence, len(entries)
+
+
+def read_json_file(path: str, key: str) -> Any:
+  """The JSON value in `path`; a file that is not UTF-8 JSON is a ValueError naming the config
+  key (`key`, e.g. "hotpotqa_path"), the file and where the problem is."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{key}={path!r} is not UTF-8 text (byte {e.start}): give the JSON file "
+                     "as it was downloaded") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{key}={path!r} is not valid JSON ({e.msg} at line {e.lineno}, column "
+                     f"{e.colno}): give the JSON file as it was downloaded") from None

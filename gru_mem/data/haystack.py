@@ -43,6 +43,9 @@ def essay_sentences(path: str) -> tuple[str, ...]:
       text = " ".join(f.read().split())
   except OSError as e:
     raise FileNotFoundError(f"essays_path={path!r}: cannot read it ({e}); give a UTF-8 text file") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"essays_path={path!r} is not UTF-8 text (byte {e.start}): convert it, e.g. "
+                     "iconv -f latin1 -t utf-8") from None
   sentences = tuple(s for s in re.split(r"(?<=[.!?])\s+", text) if s)
   if not sentences:
     raise ValueError(f"essays_path={path!r}: the file has no text")
@@ -119,18 +122,23 @@ def take_haystack(stream: SentenceStream, tokenizer, budget: int) -> tuple[list[
   return sentences, taken
 
 
+def _cycle(sentences: Sequence[str], counts: np.ndarray, start: int):
+  """next(size) -> (the next `size` sentences, their token counts), cycling from `start`."""
+  position = [start]
+
+  def next_sentences(size):
+    indices = (position[0] + np.arange(size)) % len(sentences)
+    position[0] += size
+    return [sentences[i] for i in indices], counts[indices]
+  return next_sentences
+
+
 def sentence_stream(kind: str, tokenizer, rng: random.Random, essays_path: Optional[str] = None,
                     make_needle: Optional[Callable[[random.Random], str]] = None) -> SentenceStream:
   """The haystack of `kind`: noise | words | essay (needs essays_path) | needles (needs make_needle)."""
   if kind == "noise":
-    counts = count_tokens(tokenizer, NOISE_SENTENCES)
-    position = [0]
-
-    def next_noise(size):
-      indices = (position[0] + np.arange(size)) % len(NOISE_SENTENCES)
-      position[0] += size
-      return [NOISE_SENTENCES[i] for i in indices], counts[indices]
-    return SentenceStream(next_noise, cuttable=False)
+    return SentenceStream(_cycle(NOISE_SENTENCES, count_tokens(tokenizer, NOISE_SENTENCES), 0),
+                          cuttable=False)
   if kind == "words":
     words = vocabulary.HAYSTACK_WORDS
 
@@ -142,14 +150,8 @@ def sentence_stream(kind: str, tokenizer, rng: random.Random, essays_path: Optio
     if not essays_path:
       raise ValueError("haystack 'essay' needs essays_path (a text file of essays)")
     sentences = essay_sentences(essays_path)
-    counts = _essay_counts(tokenizer, essays_path)
-    position = [rng.randrange(len(sentences))]
-
-    def next_essay(size):
-      indices = (position[0] + np.arange(size)) % len(sentences)
-      position[0] += size
-      return [sentences[i] for i in indices], counts[indices]
-    return SentenceStream(next_essay, cuttable=True)
+    return SentenceStream(_cycle(sentences, _essay_counts(tokenizer, essays_path),
+                                 rng.randrange(len(sentences))), cuttable=True)
   if kind == "needles":
     if make_needle is None:
       raise ValueError("haystack 'needles' needs a needle-making task (not multi-hop)")

@@ -14,12 +14,11 @@ Evidence spans are the supporting sentences (without surrounding whitespace) ins
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 from typing import Iterator, Optional, Sequence
 
-from gru_mem.data.example import Example, assemble_documents, stripped_span
+from gru_mem.data.example import Example, assemble_documents, read_json_file, stripped_span
 
 TASK = "hotpotqa"
 REQUIRED_FIELDS = ("_id", "question", "answer", "supporting_facts", "context")
@@ -77,8 +76,7 @@ def validate_records(records) -> list[dict]:
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, modified: float) -> tuple:
   del modified  # part of the cache key only: a rewritten file is read again
-  with open(path, encoding="utf-8") as f:
-    return tuple(validate_records(json.load(f)))
+  return tuple(validate_records(read_json_file(path, "hotpotqa_path")))
 
 
 def load_hotpotqa(path: str) -> list[dict]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import random
 from typing import Iterator, Optional
 
-from gru_mem.data.example import Example, assemble_documents, stripped_span
+from gru_mem.data.example import Example, assemble_documents, read_json_file, stripped_span
 
 TASK = "squad"
 
@@ -83,8 +82,7 @@ def parse_squad(data) -> SquadData:
 @functools.lru_cache(maxsize=4)
 def _load_cached(path: str, modified: float) -> SquadData:
   del modified  # part of the cache key only
-  with open(path, encoding="utf-8") as f:
-    return parse_squad(json.load(f))
+  return parse_squad(read_json_file(path, "squad_path"))
 
 
 def load_squad(path: str) -> SquadData:

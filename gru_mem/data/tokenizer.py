@@ -7,6 +7,17 @@ Two sources:
     pre-tokenizer, trained on `vocabulary.all_words()` until every listed word is one token, so it
     is word-level on the synthetic tasks, still encodes any text byte by byte, and is rebuilt
     exactly by transformers' `Qwen2Tokenizer` when saved next to an exported model.
+
+Ids the tokenizer has no token for. A model's embedding is usually padded past its tokenizer
+(Qwen2.5: 151,936 rows, 151,646 tokens; the built-in tokenizer's model is rounded up to a multiple
+of 64), so a sampler can emit an id >= `vocab_size`. `Tokenizer.decode` turns each such id into
+one U+FFFD (REPLACEMENT CHARACTER) and decodes the ids between them as usual; nothing is passed
+to the HF backend that it has no token for (the Rust backend silently drops such ids, Python
+tokenizers raise). U+FFFD rather than nothing: the text still shows that the model wrote a
+non-token there, a tag or a gate word split by one stays broken instead of being glued back into
+a well-formed one, and re-encoding the text (how a memory is fed to the next turn) gives
+ordinary in-vocabulary ids -- U+FFFD is also what the byte-level decoder already writes for a
+broken UTF-8 byte sequence. A negative id is never generated, so it is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from gru_mem.data import vocabulary
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
+REPLACEMENT_CHARACTER = "\ufffd"  # what an id past the tokenizer's last token decodes to
 
 # Qwen2's pre-tokenizer split (digits one by one, letters with one leading non-letter, ...).
 QWEN2_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -68,14 +80,32 @@ class Tokenizer:
     return int(token_id)
 
   def encode(self, text: str) -> list[int]:
-    """Token ids of `text`; no BOS/EOS are added."""
-    return list(self.hf.encode(text, add_special_tokens=False))
+    """Token ids of `text`; no BOS/EOS are added. Texts longer than the model's window are
+    expected (documents are chunked after encoding), so transformers' length notice is off."""
+    return list(self.hf.encode(text, add_special_tokens=False, verbose=False))
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [list(ids) for ids in self.hf(list(texts), add_special_tokens=False)["input_ids"]]
+    encoded = self.hf(list(texts), add_special_tokens=False, verbose=False)
+    return [list(ids) for ids in encoded["input_ids"]]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    """The text of `ids`; each id >= vocab_size becomes one U+FFFD (see the module docstring)."""
+    ids = [int(i) for i in ids]
+    if ids and min(ids) < 0:
+      raise ValueError(f"decode: token id {min(ids)} is negative: ids must be in [0, vocab_size)")
+    size = self.vocab_size
+    if not ids or max(ids) < size:
+      return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+    skip = skip_special_tokens
+    pieces, run = [], []  # run: the in-vocabulary ids since the last out-of-range one
+    for token_id in ids:
+      if token_id < size:
+        run.append(token_id)
+        continue
+      pieces += [self.hf.decode(run, skip_special_tokens=skip), REPLACEMENT_CHARACTER]
+      run = []
+    pieces.append(self.hf.decode(run, skip_special_tokens=skip))
+    return "".join(pieces)
 
   def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The chat-formatted text of `messages`; the plain concatenation when there is no template."""

@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from gru_mem.model.attention import IMPLEMENTATIONS
+
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SUPPORTED_MODEL_TYPES = ("qwen2",)
@@ -17,7 +19,8 @@ class ModelConfig:
   """Shape and numerics of a Qwen2-style decoder.
 
   `param_dtype` is how weights are stored, `dtype` the dtype matmuls run in
-  (norms, softmax and the final logits always run in float32).
+  (norms, softmax and the final logits always run in float32). `attention` picks the attention
+  implementation (`attention.py`); it changes speed and memory, not the function computed.
   """
 
   vocab_size: int = 151936
@@ -35,6 +38,7 @@ class ModelConfig:
   dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention: str = "auto"  # an attention.IMPLEMENTATIONS name (how, not what: no HF counterpart)
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -49,6 +53,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.head_dim={self.head_dim}: rotary embeddings need an even head_dim")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r}: use one of {IMPLEMENTATIONS}")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: use one of {tuple(DTYPES)}")

@@ -23,10 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gru_mem.model import attention
 from gru_mem.model.config import ModelConfig
 
 Cache = dict[str, jax.Array]
-_MASKED = -1e30  # finite, so a fully masked (padding) query row stays finite instead of NaN
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -108,7 +108,8 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention with q/k/v bias and rotary embeddings."""
+  """Grouped-query self-attention with q/k/v bias and rotary embeddings; the attention itself
+  is `attention.attention` with `config.attention`'s implementation."""
   config: ModelConfig
 
   @nn.compact
@@ -124,24 +125,16 @@ class Attention(nn.Module):
     k = rotary_embedding(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
-    length = x.shape[1]
     if cache_layer is None:
-      keys, values = k, v
-      query_slot = jnp.arange(length)[None]  # [1, length]
-      key_slot = jnp.arange(length)
-      key_valid = mask
-      new_cache_layer = None
+      keys, values, key_valid, query_offset, new_cache_layer = k, v, mask, 0, None
     else:
-      start = cache_meta["index"]
-      keys, values, new_cache_layer = _write_cache(cache_layer, k, v, start)
-      query_slot = jnp.reshape(start, (-1, 1)) + jnp.arange(length)  # [1 or batch, length]
-      key_slot = jnp.arange(keys.shape[1])
+      query_offset = cache_meta["index"]
+      keys, values, new_cache_layer = _write_cache(cache_layer, k, v, query_offset)
       key_valid = cache_meta["valid"]
 
-    # visible[b, i, j]: key slot j is a real token at or before query i.
-    visible = (key_slot[None, None, :] <= query_slot[:, :, None]) & key_valid[:, None, :]
-    out = grouped_query_attention(q, keys.astype(cfg.jnp_dtype), values.astype(cfg.jnp_dtype),
-                                  visible, cfg.queries_per_kv_head)
+    # Query i (slot query_offset + i) sees key slot j <= its own that holds a real token.
+    out = attention.attention(q, keys.astype(cfg.jnp_dtype), values.astype(cfg.jnp_dtype),
+                              key_valid, query_offset, implementation=cfg.attention)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = Projection(cfg, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                      name="o_proj")(out, contract_dims=2)
@@ -186,22 +179,6 @@ def _write_cache_per_row(cache_layer: Cache, k, v, starts):
   if layer is None:
     return keys, values, {"k": keys, "v": values}
   return keys[layer], values[layer], {"k": keys, "v": values}
-
-
-def grouped_query_attention(q, k, v, visible, queries_per_kv_head: int):
-  """softmax(q k^T / sqrt(d) + mask) v with each kv head shared by a group of query heads.
-
-  q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
-  visible: [batch, q_len, k_len] bool. Scores and softmax run in float32.
-  """
-  batch, q_len, heads, head_dim = q.shape
-  q = q.reshape(batch, q_len, heads // queries_per_kv_head, queries_per_kv_head, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-  scores = scores / jnp.sqrt(jnp.float32(head_dim))
-  scores = jnp.where(visible[:, None, None, :, :], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-  return out.reshape(batch, q_len, heads, head_dim)
 
 
 class MLP(nn.Module):

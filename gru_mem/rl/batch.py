@@ -64,7 +64,8 @@ class Batch:
 
 
 def check_row(index: int, row: LearnerRow, with_ref: bool) -> None:
-  """Raises a ValueError naming row `index` if its arrays disagree or its advantage is not finite."""
+  """Raises a ValueError naming row `index` if its arrays disagree or its advantage is not
+  finite."""
   prompt, response = np.asarray(row.prompt_ids), np.asarray(row.response_ids)
   if prompt.ndim != 1 or prompt.size == 0:
     raise ValueError(f"row {index}: prompt_ids must be a non-empty 1-D array, got shape "

@@ -172,7 +172,7 @@ class ScoredRollout:
 
   @property
   def zero_advantage_group(self) -> np.ndarray:
-    """[B] bool: every turn of the group has advantage 0 (no gradient; dynamic sampling drops it)."""
+    """[B] bool: every advantage of the group is 0 (no gradient; dynamic sampling drops it)."""
     return self.signal["zero_advantage_group"]
 
   def learner_rows(self, keep_groups: Optional[np.ndarray] = None) -> list[LearnerRow]:

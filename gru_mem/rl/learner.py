@@ -166,10 +166,9 @@ def _dapo_check(batch: Batch, settings: LearnerSettings) -> None:  # before comp
                      "reference_log_probs(config, ref_params, batch), or set kl_beta=0")
 
 
-def _nll_terms(logits, micro: Batch, settings: LearnerSettings) -> dict:
+def _nll_terms(logits, micro: Batch, _settings: LearnerSettings) -> dict:
   """nll_sum = loss_sum = -sum log pi(response token); correct_count: tokens greedy decoding
   would have produced."""
-  del settings  # unused
   logp = loss.token_log_probs(logits, micro.response_tokens)  # [rows, response]
   mask = micro.response_mask
   nll_sum = -jnp.sum(jnp.where(mask, logp, 0.0))
@@ -179,8 +178,7 @@ def _nll_terms(logits, micro: Batch, settings: LearnerSettings) -> dict:
           "correct_count": correct.astype(jnp.float32)}
 
 
-def _nll_metrics(terms: dict, settings: LearnerSettings) -> dict:
-  del settings  # unused
+def _nll_metrics(terms: dict, _settings: LearnerSettings) -> dict:
   count = loss.at_least_one(terms["token_count"])
   return {"loss": terms["nll_sum"] / count, "token_accuracy": terms["correct_count"] / count}
 
@@ -394,8 +392,7 @@ def evaluate_objective(config: ModelConfig, params, batch: Batch, objective: Obj
   settings = LearnerSettings(kl_beta=0.0) if settings is None else settings
   objective.check_batch(batch, settings)
   totals: dict[str, float] = {}
-  rows = np.shape(batch.tokens)[1]
-  for index in range(-(-int(batch.num_rows) // rows)):
+  for index in range(-(-int(batch.num_rows) // np.shape(batch.tokens)[1])):
     terms = jax.device_get(_micro_batch_terms_jit(params, batch.micro_batch(index), config=config,
                                                   settings=settings, objective=objective))
     totals = {k: totals.get(k, 0.0) + float(v) for k, v in terms.items()}

@@ -23,7 +23,7 @@ SUM_KEYS = ("loss_sum", "policy_loss_sum", "kl_sum", "clipped_token_count",
 
 def clipped_surrogate(log_ratio, advantage, *, clip_eps_low=0.2, clip_eps_high=0.28,
                       clip_ratio_c=0.0):
-  """Per-token loss l = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(log_ratio).
+  """Per-token l = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A), rho = exp(log_ratio).
 
   The min is taken after multiplying by A, so for A < 0 the lower clip is the one that binds:
   the gradient stops at rho > 1 + eps_high when A > 0 and at rho < 1 - eps_low when A < 0.

@@ -1,0 +1,106 @@
+"""The 7B learner's memory per device at 8K- and 32K-token rows, `xla` vs `chunked` attention.
+
+The paper config (configs/qwen2p5_7b_hotpotqa.py, target h100x8: fsdp=8, 8 rows per micro-batch,
+bfloat16 matmuls, scanned layers, full remat) is compiled ahead of time on 8 fake CPU devices
+with `gru_mem.dry_run`'s public pieces (abstract train state and batch, `compile_train_step`), as
+the dry run does; nothing is allocated. Per (attention, row length) it records XLA's memory
+analysis and the learner's peak per device:
+  peak = arguments + outputs - aliased (the donated state) + temporaries + reference params.
+
+Why chunked and not auto: on an H100 `auto` resolves to cudnn, which cannot be compiled on CPU
+devices; on fake CPU devices `auto` would pick chunked for these lengths anyway. So the figures
+are xla (the quadratic reference) vs chunked (the portable memory-efficient kernel); cuDNN's
+flash attention holds O(length) per head as chunked does, plus the [rows, 1, q, k] bfloat16 mask
+bias that `attention.cudnn_attention` passes (reported as `cudnn_mask_bias_bytes_per_device`).
+CPU figures estimate an accelerator's: XLA's CPU backend fuses and buffers differently.
+
+  python benchmarks/attention_dry_run.py            # -> benchmarks/results/attention_dry_run.json
+  python benchmarks/attention_dry_run.py --lengths 8192 --implementations xla
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402  (benchmarks/ is not a package)
+
+from gru_mem import dry_run  # noqa: E402
+
+GIB = 2 ** 30
+H100_BYTES = 80e9
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--target", default="h100x8", help="a configs/qwen2p5_7b_hotpotqa target")
+  parser.add_argument("--lengths", default="8192,32768")
+  parser.add_argument("--implementations", default="xla,chunked")
+  args = parser.parse_args()
+
+  from configs import qwen2p5_7b_hotpotqa  # pylint: disable=import-outside-toplevel
+  config = qwen2p5_7b_hotpotqa.get_config(args.target)
+  count = dry_run.mesh_device_count(config.mesh)
+  devices = dry_run.fake_cpu_devices(count)  # before anything starts a JAX backend
+
+  from gru_mem import parallel, settings as run_settings  # pylint: disable=import-outside-toplevel
+  base_model, model_source = dry_run.dry_run_model_config(config)
+  settings = run_settings.learner_settings(config)
+  mesh = parallel.mesh_from_config(config.mesh, devices=devices)
+  shapes = dry_run.default_shapes(config, settings, mesh)
+  settings = dataclasses.replace(settings, micro_batch_rows=shapes.rows)
+  rows_per_device = shapes.rows // (mesh.shape["data"] * mesh.shape["fsdp"])
+
+  results = []
+  for length in (int(x) for x in args.lengths.split(",")):
+    dims = dataclasses.replace(shapes, length=length)
+    for implementation in args.implementations.split(","):
+      model_config = base_model.replace(attention=implementation)
+      state = dry_run.abstract_train_state(model_config, settings, mesh)
+      batch = dry_run.abstract_batch(dims, mesh, with_ref=bool(settings.kl_beta))
+      compiled, seconds = dry_run.compile_train_step(model_config, settings, mesh, state, batch)
+      stats = compiled.memory_analysis()
+      memory = {name: int(getattr(stats, f"{name}_size_in_bytes"))
+                for name in ("argument", "output", "alias", "temp")}
+      reference = dry_run.bytes_per_device(state.params) if settings.kl_beta else 0
+      peak = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + reference
+      row = {"attention": implementation, "length": length, "response": dims.response,
+             "rows_per_micro_batch": dims.rows, "rows_per_device": rows_per_device,
+             **{f"{k}_bytes": v for k, v in memory.items()},
+             "reference_bytes_per_device": reference,
+             "learner_peak_bytes_per_device": peak,
+             "learner_peak_gib": round(peak / GIB, 2), "temp_gib": round(memory["temp"] / GIB, 2),
+             "fits_80gb_h100": peak < H100_BYTES, "compile_s": round(seconds, 1)}
+      print(row, flush=True)
+      results.append(row)
+
+  by = {(r["attention"], r["length"]): r for r in results}
+  summary = {}
+  for length in sorted({r["length"] for r in results}):
+    if ("xla", length) in by and ("chunked", length) in by:
+      saved = by[("xla", length)]["temp_bytes"] - by[("chunked", length)]["temp_bytes"]
+      summary[length] = {
+          "xla_peak_gib": by[("xla", length)]["learner_peak_gib"],
+          "chunked_peak_gib": by[("chunked", length)]["learner_peak_gib"],
+          "temp_saved_by_chunked_gib": round(saved / GIB, 2),
+          "share_of_xla_temp_saved": round(saved / by[("xla", length)]["temp_bytes"], 3),
+          # cuDNN path: one [rows/device, 1, length, length] bfloat16 bias from the mask
+          "cudnn_mask_bias_bytes_per_device": rows_per_device * length * length * 2}
+  print(summary)
+  path = common.save_results("attention_dry_run", {
+      "config": f"configs/qwen2p5_7b_hotpotqa.py:{args.target}", "model_source": model_source,
+      "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
+      "devices": f"{count} fake CPU devices",
+      "model": {k: v for k, v in dataclasses.asdict(base_model).items() if k != "attention"},
+      "note": "auto on an H100 is cudnn (not compilable on CPU); compared: xla vs chunked. "
+              "Peak = arguments + outputs - aliased + temporaries + reference params.",
+      "rows": results, "summary": summary})
+  print("saved", path)
+
+
+if __name__ == "__main__":
+  main()
