@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.eval_temperature = 0.0  # evaluation decodes greedily
   c.sampling.prefill_chunk_tokens = 2048  # prefill long prompts this many tokens at a time
   c.sampling.max_batch_rows = 256  # rows per sampler call (more are split into several calls)
+  c.sampling.slots = 256  # continuous batching through this many decode slots (0: static batches)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.group_size = 16  # G rollouts per prompt (paper: 16)

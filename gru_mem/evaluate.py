@@ -41,7 +41,7 @@ import jax
 import numpy as np
 import tqdm
 
-from gru_mem import buckets, eval_report, runtime, sampling, settings
+from gru_mem import buckets, continuous, eval_report, runtime, settings
 from gru_mem.agent import modes
 from gru_mem.agent.prompts import PromptBuilder
 from gru_mem.agent.rollout import AgentExample, RolloutSettings, rollout, sampler_policy
@@ -142,8 +142,8 @@ def warm_up(model: Model, sample_settings, builder: PromptBuilder,
         key = (model.config, spec, batch, bucket)
         if key in _WARMED:
           continue
-        sampling.generate(model.config, model.params, [np.ones(length, np.int32)] * batch, 0,
-                          spec, max_new_tokens_per_row=np.ones(batch, np.int32))
+        continuous.generate(model.config, model.params, [np.ones(length, np.int32)] * batch, 0,
+                            spec, max_new_tokens_per_row=np.ones(batch, np.int32))
         _WARMED.add(key)
 
 

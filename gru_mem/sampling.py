@@ -11,6 +11,9 @@ token per step into the KV cache until every row is done, without leaving the de
 Row i's random stream is `fold_in(fold_in(rng, i), step)`, with i its index among the inputs, so
 its samples do not depend on which rows share its batch or how the batch was padded.
 
+`gru_mem.continuous.generate` streams the rows through `settings.slots` decode slots instead
+(continuous batching, the same outputs); it builds on the pieces here.
+
 Log-probs: `logprobs` is log pi(token) under the model at temperature 1 (RL's pi_old);
 `sampling_logprobs` is the log-prob under the distribution actually sampled from (temperature,
 top-k then top-p applied; 0 for greedy). Jitted calls follow whatever sharding params and prompt
@@ -61,8 +64,12 @@ class SamplingSettings:
   length_buckets: tuple[int, ...] = DEFAULT_LENGTH_BUCKETS
   batch_buckets: tuple[int, ...] = _DEFAULT_BATCH_BUCKETS
   prefill_chunk_tokens: int = 2048  # prompts longer than this are prefilled chunk by chunk
+  slots: int = 0  # > 0: continuous batching through this many decode slots (0: static batches)
+  refill_free_slots: int = 0  # refill once this many slots are free (0: a quarter of the slots)
 
   def __post_init__(self):
+    if self.slots < 0 or self.refill_free_slots < 0:
+      raise ValueError(f"slots={self.slots}, refill_free_slots={self.refill_free_slots}: use >= 0")
     if self.prefill_chunk_tokens < 1:
       raise ValueError(f"prefill_chunk_tokens={self.prefill_chunk_tokens}: must be >= 1")
     if self.max_new_tokens < 1:
@@ -105,6 +112,13 @@ class DecodeSpec:
   eos_ids: tuple[int, ...]
   pad_id: int
   prefill_chunk_tokens: int = 2048
+
+
+def decode_spec(settings: SamplingSettings) -> DecodeSpec:
+  """The compiled-program part of `settings`."""
+  return DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
+                    int(settings.top_k), settings.stop_sequences, settings.eos_ids,
+                    int(settings.pad_id), int(settings.prefill_chunk_tokens))
 
 
 @dataclasses.dataclass
@@ -169,6 +183,19 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, spec: DecodeSpec):
   return token, logprob, sampling_logprob
 
 
+def end_reason(token, lengths, limits, recent, spec: DecodeSpec) -> jax.Array:
+  """Each row's state after emitting `token` [B]: EOS, STOP, LENGTH or RUNNING. lengths [B]
+  counts its tokens so far, recent [B, longest stop] its last ones (-1 before the first)."""
+  hit_eos = jnp.zeros(token.shape, jnp.bool_)
+  for eos in spec.eos_ids:
+    hit_eos = hit_eos | (token == eos)
+  hit_stop = jnp.zeros(token.shape, jnp.bool_)
+  for stop in spec.stop_sequences:
+    hit_stop = hit_stop | jnp.all(recent[:, -len(stop):] == jnp.asarray(stop, jnp.int32), axis=1)
+  return jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, jnp.where(
+      lengths >= limits, LENGTH, RUNNING))).astype(jnp.int32)
+
+
 def _record(state: dict, logits: jax.Array, spec: DecodeSpec) -> dict:
   """Samples token number `step` for every row, writes it and marks rows that are now done."""
   step = state["step"]
@@ -183,14 +210,7 @@ def _record(state: dict, logits: jax.Array, spec: DecodeSpec) -> dict:
 
   lengths = state["lengths"] + active.astype(jnp.int32)
   recent = jnp.concatenate([state["recent"][:, 1:], token[:, None]], axis=1)  # [B, longest stop]
-  hit_eos = jnp.zeros_like(active)
-  for eos in spec.eos_ids:
-    hit_eos = hit_eos | (token == eos)
-  hit_stop = jnp.zeros_like(active)
-  for stop in spec.stop_sequences:
-    hit_stop = hit_stop | jnp.all(recent[:, -len(stop):] == jnp.asarray(stop, jnp.int32), axis=1)
-  reason = jnp.where(hit_eos, EOS, jnp.where(hit_stop, STOP, jnp.where(
-      lengths >= state["limits"], LENGTH, RUNNING)))
+  reason = end_reason(token, lengths, state["limits"], recent, spec)
   return {
       **state,
       "tokens": write(state["tokens"], token),
@@ -205,11 +225,12 @@ def _record(state: dict, logits: jax.Array, spec: DecodeSpec) -> dict:
 
 
 def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config: ModelConfig,
-             spec: DecodeSpec):
-  """Runs the left-padded prompts [B, L] through the model and samples each row's first token."""
+             spec: DecodeSpec, decode_room: bool = True):
+  """Runs the left-padded prompts [B, L] through the model and samples each row's first token.
+  The cache holds L + max_new_tokens slots (L without `decode_room`, for `continuous`)."""
   TRACE_COUNTS["prefill"] += 1
   batch, length = prompt_tokens.shape
-  cache = init_cache(config, batch, length + spec.max_new_tokens)
+  cache = init_cache(config, batch, length + (spec.max_new_tokens if decode_room else 0))
   last_hidden, cache = _chunked_prefill(config, params, prompt_tokens, prompt_mask, cache,
                                         spec.prefill_chunk_tokens)
   # Left padding puts every row's last real token in the last column: only it needs logits.
@@ -272,11 +293,11 @@ def _decode(params, state, *, config: ModelConfig, spec: DecodeSpec):
   return jax.lax.while_loop(not_finished, one_token, state)
 
 
-prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec"))
+prefill_jit = jax.jit(_prefill, static_argnames=("config", "spec", "decode_room"))
 decode_jit = jax.jit(_decode, static_argnames=("config", "spec"), donate_argnums=(1,))
 
 
-def _batch_shards(batch_sharding) -> int:
+def batch_shards(batch_sharding) -> int:
   """How many pieces `batch_sharding` cuts the batch axis into (1 when there is none)."""
   if batch_sharding is None:
     return 1
@@ -285,8 +306,8 @@ def _batch_shards(batch_sharding) -> int:
   return len(starts)
 
 
-def _check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
-                   max_new_tokens_per_row) -> tuple[list[np.ndarray], np.ndarray]:
+def check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
+                  max_new_tokens_per_row) -> tuple[list[np.ndarray], np.ndarray]:
   """Prompts as int32 arrays and per-row token limits [N]; raises ValueError on bad input."""
   rows = [np.asarray(p) for p in prompts]
   if not rows:
@@ -318,7 +339,7 @@ def _check_prompts(config: ModelConfig, prompts, settings: SamplingSettings,
   return [row.astype(np.int32) for row in rows], limits.astype(np.int32)
 
 
-def _left_pad(rows: list[np.ndarray], batch: int, length: int, pad_id: int):
+def left_pad(rows: list[np.ndarray], batch: int, length: int, pad_id: int):
   """rows -> tokens [batch, length] (left-padded with pad_id) and mask [batch, length] bool."""
   tokens = np.full((batch, length), pad_id, np.int32)
   mask = np.zeros((batch, length), bool)
@@ -338,13 +359,13 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
   arrays (e.g. NamedSharding(mesh, P('data'))); batch buckets are rounded up to a multiple of its
   batch shards. Params keep whatever sharding they carry.
   """
-  rows, limits = _check_prompts(config, prompts, settings, max_new_tokens_per_row)
+  if settings.slots:
+    raise ValueError(f"slots={settings.slots}: call gru_mem.continuous.generate (or set slots=0)")
+  rows, limits = check_prompts(config, prompts, settings, max_new_tokens_per_row)
   if isinstance(rng, (int, np.integer)):
     rng = jax.random.PRNGKey(rng)
-  spec = DecodeSpec(settings.max_new_tokens, float(settings.temperature), float(settings.top_p),
-                     int(settings.top_k), settings.stop_sequences, settings.eos_ids,
-                     int(settings.pad_id), int(settings.prefill_chunk_tokens))
-  shards = _batch_shards(batch_sharding)
+  spec = decode_spec(settings)
+  shards = batch_shards(batch_sharding)
   largest_batch = smallest_bucket(settings.batch_buckets[-1], settings.batch_buckets,
                                   multiple_of=shards)
   finals = []
@@ -352,7 +373,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
     chunk = rows[start:start + largest_batch]
     batch = smallest_bucket(len(chunk), settings.batch_buckets, multiple_of=shards)
     length = smallest_bucket(max(len(r) for r in chunk), settings.length_buckets)
-    tokens, mask = _left_pad(chunk, batch, length, settings.pad_id)
+    tokens, mask = left_pad(chunk, batch, length, settings.pad_id)
     if batch_sharding is not None:
       tokens, mask = jax.device_put((tokens, mask), batch_sharding)
     chunk_limits = np.zeros(batch, np.int32)  # dummy rows: limit 0, done from the start

@@ -86,7 +86,7 @@ def sampling_settings(config, tokenizer, temperature: Optional[float] = None
       max_new_tokens=config.agent.max_response_tokens,
       temperature=s.temperature if temperature is None else temperature,
       top_p=s.top_p, top_k=s.top_k, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-      prefill_chunk_tokens=s.prefill_chunk_tokens,
+      prefill_chunk_tokens=s.prefill_chunk_tokens, slots=s.slots,
       batch_buckets=tuple(b for b in sampling.SamplingSettings.batch_buckets if b < s.max_batch_rows)
       + (s.max_batch_rows,))
 

@@ -234,13 +234,13 @@ def rollout(policy: Policy, builder, tokenizer, examples: Sequence[AgentExample]
 
 
 def sampler_policy(config, params, sampling_settings, batch_sharding=None) -> Policy:
-  """The real policy: `gru_mem.sampling.generate` with the given settings."""
-  from gru_mem import sampling
+  """The real policy: `gru_mem.continuous.generate` (static batches when settings.slots is 0)."""
+  from gru_mem import continuous
 
   def policy(prompt_ids, rng, max_new_tokens):
     settings = dataclasses.replace(sampling_settings, max_new_tokens=max_new_tokens)
     kwargs = {} if batch_sharding is None else {"batch_sharding": batch_sharding}
-    return sampling.generate(config, params, prompt_ids, rng, settings, **kwargs)
+    return continuous.generate(config, params, prompt_ids, rng, settings, **kwargs)
   return policy
 
 

@@ -7,7 +7,8 @@ decode, `forward`, the HF parity path) is one call
 
   q [batch, q_len, heads, head_dim], k, v [batch, k_len, kv_heads, head_dim],
   key_valid [batch, k_len] bool (slot j holds a real token), query i sits at slot
-  query_offset + i, and query i sees key j iff  j <= query_offset + i  and  key_valid[b, j].
+  query_offset + i (or query_offset[b] + i), and query i sees key j iff  j <= query_offset + i
+  and  key_valid[b, j].
 
   out_i = sum_j p_ij v_j,  p_ij = exp(s_ij) / sum_j' exp(s_ij') over visible j, s = q k^T / sqrt(d)
 
@@ -122,8 +123,9 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
 
   q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; key_valid
   [batch, k_len] bool; query_offset: the slot of query 0 (an int, or a traced scalar for a KV
-  cache). block_size: chunked's query and key block (default `DEFAULT_BLOCK`, read at trace
-  time). Returns [batch, q_len, heads, head_dim] in v's dtype.
+  cache, or [batch] slots: one per row, as the continuous sampler's per-row cache index).
+  block_size: chunked's query and key block (default `DEFAULT_BLOCK`, read at trace time).
+  Returns [batch, q_len, heads, head_dim] in v's dtype.
   """
   batch, q_len, heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[0] != batch or heads % k.shape[2] or k.shape[3] != head_dim:
@@ -148,9 +150,9 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
 
 def visibility(key_valid, query_offset, q_len: int):
   """visible [batch, q_len, k_len] bool: key slot j <= query_offset + i and key_valid[b, j]."""
-  query_slot = query_offset + jnp.arange(q_len)
+  query_slot = jnp.reshape(query_offset, (-1, 1)) + jnp.arange(q_len)  # [1 or batch, q_len]
   key_slot = jnp.arange(key_valid.shape[1])
-  return (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
+  return (key_slot[None, None, :] <= query_slot[:, :, None]) & key_valid[:, None, :]
 
 
 def xla_attention(q, k, v, visible):
@@ -207,7 +209,8 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
 
   @jax.checkpoint
   def query_block(q_index, q_block):
-    query_slot = query_offset + q_index * block_q + jnp.arange(block_q)  # [block_q]
+    query_slot = (jnp.reshape(query_offset, (-1, 1)) + q_index * block_q
+                  + jnp.arange(block_q))  # [1 or batch, block_q]
 
     def key_block(carry, xs):
       k_index, k_block, v_block, valid_block = xs
@@ -217,7 +220,7 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
         m, l, acc = carry  # m, l [batch, kv_heads, group, block_q]; acc [..., block_q, head_dim]
         s = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block,
                        preferred_element_type=jnp.float32) * scale
-        visible = (key_slot[None, None, :] <= query_slot[None, :, None]) & valid_block[:, None, :]
+        visible = (key_slot[None, None, :] <= query_slot[:, :, None]) & valid_block[:, None, :]
         visible = visible[:, None, None]  # [batch, 1, 1, block_q, block_k]
         s = jnp.where(visible, s, MASKED)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -229,7 +232,7 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
         return m_new, l, acc * correction[..., None] + pv
 
       # Skip a key block no query of this block can see (causal upper triangle, all padding).
-      seen = (k_index * block_k <= query_slot[-1]) & jnp.any(valid_block)
+      seen = (k_index * block_k <= jnp.max(query_slot)) & jnp.any(valid_block)
       return jax.lax.cond(seen, jax.checkpoint(update), lambda c: c, carry), None
 
     stats = (batch, kv_heads, group, block_q)

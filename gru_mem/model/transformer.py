@@ -11,7 +11,8 @@ The KV cache (`init_cache`) has a fixed capacity of slots shared by all rows. A 
 `length` new tokens at slots `[cache_index, cache_index + length)` of every row and records which
 of them are real in `cache_valid`; a query attends to the real slots at or before its own. So a
 left-padded prefill followed by one-token decode steps gives the same numbers as one forward over
-the whole sequence.
+the whole sequence. `cache_index` may also be one slot per row (`[batch]`): each row then writes at
+its own slot, as the continuous-batching sampler needs (rows at different steps share one cache).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> Ca
   """An empty KV cache: k/v `[layers, batch, capacity, kv_heads, head_dim]`.
 
   `valid [batch, capacity]` marks slots that hold a real token, `index` is the next slot to write
-  and `lengths [batch]` counts the real tokens of each row (= the position of its next token).
+  (a scalar; set it to a `[batch]` array for per-row slots) and `lengths [batch]` counts the real
+  tokens of each row (= the position of its next token).
   """
   dtype = dtype or config.jnp_dtype
   shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
@@ -145,7 +147,10 @@ def _write_cache(cache_layer: Cache, k, v, start):
   `cache_layer` is either one layer's {k, v} [batch, slots, ...] (scanned layers) or the whole
   stacked cache {k, v} [layers, batch, slots, ...] plus this layer's index under "layer". The
   second form updates the stacked buffer in place, so a decode step does not copy the cache.
+  `start` [batch] writes each row at its own slot (a scatter, also in place).
   """
+  if jnp.ndim(start) == 1:
+    return _write_cache_per_row(cache_layer, k, v, start)
   if "layer" not in cache_layer:
     keys = jax.lax.dynamic_update_slice_in_dim(cache_layer["k"], k.astype(cache_layer["k"].dtype),
                                                start, axis=1)
@@ -160,6 +165,20 @@ def _write_cache(cache_layer: Cache, k, v, start):
   all_values = jax.lax.dynamic_update_slice(
       cache_layer["v"], v[None].astype(cache_layer["v"].dtype), at)
   return all_keys[layer], all_values[layer], {"k": all_keys, "v": all_values}
+
+
+def _write_cache_per_row(cache_layer: Cache, k, v, starts):
+  """`_write_cache` where row b writes its `length` slots from `starts[b]` on."""
+  batch, length = k.shape[:2]
+  rows = jnp.arange(batch)[:, None]
+  slots = starts[:, None] + jnp.arange(length)[None, :]  # [batch, length]
+  layer = cache_layer.get("layer")
+  at = (rows, slots) if layer is None else (layer, rows, slots)
+  keys = cache_layer["k"].at[at].set(k.astype(cache_layer["k"].dtype))
+  values = cache_layer["v"].at[at].set(v.astype(cache_layer["v"].dtype))
+  if layer is None:
+    return keys, values, {"k": keys, "v": values}
+  return keys[layer], values[layer], {"k": keys, "v": values}
 
 
 class MLP(nn.Module):
@@ -239,10 +258,7 @@ class Transformer(nn.Module):
     cache_meta = None
     if cache is not None:
       start = cache["index"]
-      cache_meta = {
-          "index": start,
-          "valid": jax.lax.dynamic_update_slice_in_dim(cache["valid"], mask, start, axis=1),
-      }
+      cache_meta = {"index": start, "valid": _write_valid(cache["valid"], mask, start)}
     if cfg.scan_layers:
       layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
       x, new_layer_caches = self.layers(x, layer_caches, positions, mask, cache_meta)
@@ -277,6 +293,14 @@ class Transformer(nn.Module):
       head = self.lm_head.astype(cfg.jnp_dtype)
     logits = jnp.dot(hidden.astype(cfg.jnp_dtype), head, preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+
+def _write_valid(valid, mask, start):
+  """valid [batch, capacity] with mask [batch, length] written from slot `start` (or `start[b]`)."""
+  if jnp.ndim(start) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(valid, mask, start, axis=1)
+  slots = start[:, None] + jnp.arange(mask.shape[1])[None, :]
+  return valid.at[jnp.arange(valid.shape[0])[:, None], slots].set(mask)
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Any:
