@@ -2,6 +2,7 @@
 
   logger = MetricLogger(workdir, total_steps=1000)
   logger.log(step, {"loss": loss, "reward/outcome": r}, tokens=tokens_this_step)
+  # console: step 120/1000 | 2.31 it/s 4.1k tok/s ETA 6m21s | loss 0.12
   logger.close()
   plot_metrics(f"{workdir}/metrics.jsonl", ["loss", "reward/outcome"], f"{workdir}/curves.png")
 
@@ -59,14 +60,18 @@ def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _format_value(value: float) -> str:
+  """3 significant digits (2 decimals for |v| < 1: rates and accuracies), e-notation when tiny
+  or huge."""
   if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
     return f"{value:.2e}"
+  if abs(value) < 1:
+    return f"{value:.2f}"
   return f"{value:.3g}"
 
 
 class MetricLogger:
   """Writes each `log(step, metrics)` to TensorBoard and `workdir/metrics.jsonl`, and prints
-  `step 120/1000 (12.0%) | 2.31 steps/s 4.1k tok/s | elapsed 52s | ETA 6m21s | loss 0.1234`.
+  `step 120/1000 | 2.31 it/s 4.1k tok/s ETA 6m21s | loss 0.12` (see `progress_line`).
 
   Rates are measured over the last `rate_window` calls; `tokens` passed to `log` are the tokens
   processed since the previous call. `console_keys` picks the metrics shown (default: all), as
@@ -76,7 +81,7 @@ class MetricLogger:
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
                console_keys: Optional[Mapping[str, str] | Sequence[str]] = None,
-               rate_window: int = 20,
+               show_token_rate: bool = True, rate_window: int = 20,
                stream: Optional[TextIO] = None, clock: Callable[[], float] = time.monotonic):
     if total_steps < 1:
       raise ValueError(f"total_steps={total_steps}: must be >= 1")
@@ -87,6 +92,7 @@ class MetricLogger:
     if console_keys is not None and not isinstance(console_keys, Mapping):
       console_keys = {key: key for key in console_keys}
     self.console_keys = None if console_keys is None else dict(console_keys)
+    self.show_token_rate = show_token_rate
     self.is_writer = jax.process_index() == 0
     self._stream = stream or sys.stdout
     self._clock = clock
@@ -137,14 +143,15 @@ class MetricLogger:
 
   def progress_line(self, step: int, scalars: Mapping[str, float], steps_per_sec: Optional[float],
                     tokens_per_sec: Optional[float], now: float) -> str:
-    """`step 12/100 (12%) | 0.5 steps/s 1.2k tok/s | elapsed 24s | ETA 2m56s | loss 1.25`: the
-    shown metrics are `console_keys` (a name -> label mapping, or names shown as they are)."""
-    rate = "? steps/s" if steps_per_sec is None else f"{steps_per_sec:.3g} steps/s"
-    if tokens_per_sec is not None:
+    """`step 12/100 | 0.5 it/s 1.2k tok/s ETA 2m56s | loss 1.25`: one terminal line; the shown
+    metrics are `console_keys` (a name -> label mapping, or names shown as they are). Elapsed
+    time and every other metric go to TensorBoard and metrics.jsonl."""
+    del now
+    rate = "? it/s" if steps_per_sec is None else f"{steps_per_sec:.3g} it/s"
+    if tokens_per_sec is not None and self.show_token_rate:
       rate += f" {_format_count(tokens_per_sec)} tok/s"
     eta = None if not steps_per_sec else max(self.total_steps - step, 0) / steps_per_sec
-    parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.0f}%)", rate,
-             f"elapsed {format_duration(now - self._start_time)}", f"ETA {format_duration(eta)}"]
+    parts = [f"step {step}/{self.total_steps}", f"{rate} ETA {format_duration(eta)}"]
     labels = self.console_keys if self.console_keys is not None else {k: k for k in scalars}
     shown = [f"{label} {_format_value(scalars[key])}" for key, label in labels.items()
              if key in scalars]

@@ -42,9 +42,10 @@ class Stage:
   def __init__(self, name: str, workdir: str, total_steps: int, save_every: int,
                keep: Optional[int], metadata: Mapping[str, Any],
                console_keys: Optional[Mapping[str, str]] = None, max_nonfinite_steps: int = 0,
-               nonfinite_metric: str = "learner/nonfinite"):
+               nonfinite_metric: str = "learner/nonfinite", show_token_rate: bool = True):
     self.name, self.workdir, self.total_steps = name, workdir, total_steps
     self.metadata, self.console_keys = dict(metadata), console_keys
+    self.show_token_rate = show_token_rate
     self.max_nonfinite_steps, self.nonfinite_metric = max_nonfinite_steps, nonfinite_metric
     self.manager = checkpoint.CheckpointManager(workdir, save_every, keep)
     self.logger: Optional[logs.MetricLogger] = None
@@ -76,7 +77,8 @@ class Stage:
       start = int(self.manager.latest_step())
       print(f"[{self.name}] resumed from step {start} in {self.workdir}", flush=True)
     self.logger = logs.MetricLogger(self.workdir, max(self.total_steps, 1), start_step=start,
-                                    console_keys=self.console_keys)
+                                    console_keys=self.console_keys,
+                                    show_token_rate=self.show_token_rate)
     self._install_sigterm_handler()
     return state, rng, data_position, start
 

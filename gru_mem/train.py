@@ -108,7 +108,8 @@ def train(config, workdir: str) -> dict:
 
   run = stage.Stage("train", workdir, config.train.steps, config.train.save_every,
                     config.train.keep_checkpoints, runtime.run_metadata(config, model_config),
-                    console_keys=CONSOLE_KEYS, max_nonfinite_steps=config.train.max_nonfinite_steps)
+                    console_keys=CONSOLE_KEYS, max_nonfinite_steps=config.train.max_nonfinite_steps,
+                    show_token_rate=False)
   state, rng, data_position, start_step = run.resume(
       state, rng, {"examples_consumed": 0, "seed": config.seed})
   stream = sources.example_stream(config.data, tokenizer, seed=config.seed,

@@ -67,7 +67,7 @@ def test_logger_writes_tensorboard_jsonl_and_progress(tmp_path):
   lines = stream.getvalue().strip().splitlines()
   assert len(lines) == 3
   # 7 steps left at 0.5 steps/s -> 14 s.
-  assert lines[-1] == "step 3/10 (30%) | 0.5 steps/s 50 tok/s | elapsed 6s | ETA 14s | loss 1.25"
+  assert lines[-1] == "step 3/10 | 0.5 it/s 50 tok/s ETA 14s | loss 1.25"
 
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows] == [1, 2, 3]
@@ -121,3 +121,23 @@ def test_nan_metrics_stay_valid_json_and_plot(tmp_path):
 def test_bad_arguments():
   with pytest.raises(ValueError, match="total_steps=0"):
     logs.MetricLogger("/tmp/unused", total_steps=0)
+
+
+def test_the_rl_progress_line_fits_a_120_column_terminal(tmp_path):
+  from gru_mem import train  # pylint: disable=import-outside-toplevel
+  clock = FakeClock([0.0, 3900.0, 3906.0])
+  logger = logs.MetricLogger(str(tmp_path), total_steps=1000, start_step=998,
+                             console_keys=train.CONSOLE_KEYS, show_token_rate=False,
+                             stream=io.StringIO(), clock=clock)
+  worst = {"reward/trajectory": -1.484, "gate/update_acc_evidence": 0.9093,
+           "gate/update_acc_non_evidence": 0.7331, "gate/exit_exact": 0.5938,
+           "agent/chunks_read": 14.06, "agent/accuracy": 0.8438, "time/step_s": 1234.5,
+           "learner/kl": 0.01, "reward/outcome": 0.8}
+  logger.log(999, worst, tokens=5000)
+  logger.log(1000, worst, tokens=5000)
+  line = logger._stream.getvalue().splitlines()[-1]  # pylint: disable=protected-access
+  logger.close()
+  assert len(line) <= 120, (len(line), line)
+  assert line == ("step 1000/1000 | 0.000512 it/s ETA 0s | reward -1.48 upd+ 0.91 upd- 0.73 "
+                  "exact 0.59 chunks 14.1 acc 0.84 s/step 1.23e+03")
+  assert "kl" not in line and "outcome" not in line
