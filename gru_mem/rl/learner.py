@@ -78,7 +78,7 @@ class LearnerSettings:
   lr_schedule: str = "constant"
   decay_steps: int = 0
   final_lr_fraction: float = 0.1
-  weight_decay: float = 0.0
+  weight_decay: float = 0.01
   adam_b1: float = 0.9
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
