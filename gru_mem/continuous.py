@@ -75,19 +75,10 @@ def _empty_slots(rng, *, config: ModelConfig, spec: DecodeSpec, slots: int, prom
   TRACE_COUNTS["slot_init"] += 1
   cache = init_cache(config, slots, prompt_columns + spec.max_new_tokens)
   cache["index"] = jnp.full((slots,), prompt_columns, jnp.int32)  # per-slot write columns
-  longest_stop = max([len(s) for s in spec.stop_sequences], default=1)
-  state = {
-      "cache": cache,
-      "tokens": jnp.full((slots, spec.max_new_tokens), spec.pad_id, jnp.int32),
-      "logprobs": jnp.zeros((slots, spec.max_new_tokens), jnp.float32),
-      "sampling_logprobs": jnp.zeros((slots, spec.max_new_tokens), jnp.float32),
-      "lengths": jnp.zeros((slots,), jnp.int32),
-      "limits": jnp.zeros((slots,), jnp.int32),
-      "reason": jnp.full((slots,), LENGTH, jnp.int32),
-      "recent": jnp.full((slots, longest_stop), -1, jnp.int32),
-      "row_keys": jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.zeros((slots,), jnp.int32)),
-      "step": jnp.zeros((slots,), jnp.int32),  # tokens sampled so far by the slot's row
-  }
+  state = sampling.decode_state(
+      spec, cache, jnp.zeros((slots,), jnp.int32), jnp.full((slots,), LENGTH),
+      jax.vmap(jax.random.fold_in, (None, 0))(rng, jnp.zeros((slots,), jnp.int32)),
+      jnp.zeros((slots,), jnp.int32))  # step: tokens sampled so far by the slot's row
   return _constrain(state, row_sharding)
 
 

@@ -2,24 +2,19 @@
 
 `generate(config, params, prompts, rng, settings)` takes any number of token-id prompts of any
 lengths. Rows are cut into batches whose size is one of `settings.batch_buckets` (dummy rows fill
-the rest and are done from the start) and each batch is left-padded to one of
-`settings.length_buckets`, so the number of compilations is bounded by (#batch buckets used) x
-(#length buckets used). The prefill computes logits only at the last column (with left padding
-that is every row's last real token) and samples the first token; the decode loop then feeds one
-token per step into the KV cache until every row is done, without leaving the device.
-
-Row i's random stream is `fold_in(fold_in(rng, i), step)`, with i its index among the inputs, so
-its samples do not depend on which rows share its batch or how the batch was padded.
-
-`gru_mem.continuous.generate` streams the rows through `settings.slots` decode slots instead
-(continuous batching, the same outputs); it builds on the pieces here.
+the rest, done from the start), each left-padded to one of `settings.length_buckets`: at most
+(#batch buckets) x (#length buckets) compilations. The prefill computes logits only at the last
+column (every row's last real token) and samples the first token; the decode loop then feeds one
+token per step into the KV cache until every row is done, without leaving the device. Row i's
+random stream is `fold_in(fold_in(rng, i), step)` (i its index among the inputs), so its samples
+do not depend on its batch or padding. `gru_mem.continuous.generate` streams rows through
+`settings.slots` decode slots instead (continuous batching, the same outputs), from these pieces.
 
 Log-probs: `logprobs` is log pi(token) under the model at temperature 1 (RL's pi_old);
 `sampling_logprobs` is the log-prob under the distribution actually sampled from (temperature,
 top-k then top-p applied; 0 for greedy). Jitted calls follow whatever sharding params and prompt
 arrays carry (pass `batch_sharding` to place the prompts on a mesh).
 """
-
 from __future__ import annotations
 
 import collections
@@ -236,20 +231,29 @@ def _prefill(params, prompt_tokens, prompt_mask, limits, row_ids, rng, *, config
   # Left padding puts every row's last real token in the last column: only it needs logits.
   logits = Transformer(config).apply({"params": params}, last_hidden[:, None],
                                      method=Transformer.logits)[:, 0]
-  longest_stop = max([len(s) for s in spec.stop_sequences], default=1)
-  state = {
-      "cache": cache,
-      "tokens": jnp.full((batch, spec.max_new_tokens), spec.pad_id, jnp.int32),
-      "logprobs": jnp.zeros((batch, spec.max_new_tokens), jnp.float32),
-      "sampling_logprobs": jnp.zeros((batch, spec.max_new_tokens), jnp.float32),
-      "lengths": jnp.zeros((batch,), jnp.int32),
-      "limits": limits,
-      "reason": jnp.where(limits > 0, RUNNING, LENGTH).astype(jnp.int32),
-      "recent": jnp.full((batch, longest_stop), -1, jnp.int32),  # never equals a token id
-      "row_keys": jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids),
-      "step": jnp.zeros((), jnp.int32),
-  }
+  state = decode_state(spec, cache, limits, jnp.where(limits > 0, RUNNING, LENGTH),
+                       jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids),
+                       jnp.zeros((), jnp.int32))
   return _record(state, logits, spec)
+
+
+def decode_state(spec: DecodeSpec, cache, limits, reason, row_keys, step) -> dict:
+  """The decode loop's carry for len(limits) rows with nothing generated yet: the cache, the
+  output buffers [rows, max_new_tokens], the rows' limits, stop reasons and random keys."""
+  rows = limits.shape[0]
+  longest_stop = max([len(s) for s in spec.stop_sequences], default=1)
+  return {
+      "cache": cache,
+      "tokens": jnp.full((rows, spec.max_new_tokens), spec.pad_id, jnp.int32),
+      "logprobs": jnp.zeros((rows, spec.max_new_tokens), jnp.float32),
+      "sampling_logprobs": jnp.zeros((rows, spec.max_new_tokens), jnp.float32),
+      "lengths": jnp.zeros((rows,), jnp.int32),
+      "limits": limits,
+      "reason": reason.astype(jnp.int32),
+      "recent": jnp.full((rows, longest_stop), -1, jnp.int32),  # never equals a token id
+      "row_keys": row_keys,
+      "step": step,
+  }
 
 
 def _chunked_prefill(config: ModelConfig, params, tokens, mask, cache, chunk_tokens: int):
@@ -353,12 +357,9 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
              settings: SamplingSettings, max_new_tokens_per_row: Optional[Sequence[int]] = None,
              batch_sharding: Optional[jax.sharding.Sharding] = None) -> Generation:
   """Samples a continuation of every prompt (any number, any lengths up to the largest bucket).
-
-  rng: a JAX PRNG key (or an int seed). max_new_tokens_per_row: optional limits [N], each in
-  [0, settings.max_new_tokens]. batch_sharding: optional sharding for the [batch, length] prompt
-  arrays (e.g. NamedSharding(mesh, P('data'))); batch buckets are rounded up to a multiple of its
-  batch shards. Params keep whatever sharding they carry.
-  """
+  rng: a PRNG key or an int seed; max_new_tokens_per_row: optional limits [N] in [0,
+  max_new_tokens]; batch_sharding: for the [batch, length] prompts (e.g. NamedSharding(mesh,
+  P('data'))), batch buckets rounded up to its shard count. Params keep their sharding."""
   if settings.slots:
     raise ValueError(f"slots={settings.slots}: call gru_mem.continuous.generate (or set slots=0)")
   rows, limits = check_prompts(config, prompts, settings, max_new_tokens_per_row)
