@@ -1,6 +1,6 @@
 """The default job on a laptop CPU: a tiny Qwen2-shaped model learns both gates from scratch.
 
-  bash launch/local.sh            # all three stages, about 15 minutes on 2 CPU cores
+  bash launch/local.sh            # all three stages, 15-45 minutes on 2 CPU cores (load-dependent)
   python -m gru_mem.default_job --config configs/tiny.py --workdir runs/default
   python -m gru_mem.train --config configs/tiny.py --workdir runs/tiny   # RL alone, from scratch
 
