@@ -27,7 +27,7 @@ def turn(chunk, evidence, update, exit_gate, response_len=3):
 def trajectory(example, sample, turns, answer):
   return Trajectory(example, sample, turns, answer_turn=turn(-1, False, gates.INVALID,
                                                              gates.INVALID, 2),
-                    answer=answer, exit_chunk=len(turns) - 1, num_chunks=2, last_evidence_chunk=0)
+                    answer=answer, last_chunk_read=len(turns) - 1, num_chunks=2, last_evidence_chunk=0)
 
 
 def rollout():
