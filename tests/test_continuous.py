@@ -3,15 +3,12 @@ reasons and log-probs for greedy and seeded sampling, with more rows than slots;
 compilations; a sharded run on 8 fake CPU devices equal to the unsharded one."""
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_8_fake_devices
 
 from gru_mem import continuous, sampling
 from gru_mem.model import attention, transformer
@@ -174,13 +171,7 @@ print("RESULT" + json.dumps(results))
 
 
 def test_sharded_continuous_equals_unsharded_on_8_fake_devices():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-             "--xla_backend_optimization_level=0")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-  results = json.loads(line[len("RESULT"):])
+  results = run_on_8_fake_devices(_SHARDED_SCRIPT, timeout=600)
   tokens, logprobs, lengths = results.pop("unsharded")
   assert len(set(map(tuple, tokens))) > 30  # rows differ: a real comparison
   for name, (other_tokens, other_logprobs, other_lengths) in results.items():

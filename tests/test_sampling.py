@@ -1,15 +1,12 @@
 """The sampler against transformers' greedy generate, a teacher-forced forward, hand-computed
 stopping rules and filtered distributions, and an unsharded run on 8 fake devices."""
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_on_8_fake_devices
 import torch
 
 from gru_mem import sampling
@@ -322,14 +319,7 @@ print("RESULT" + json.dumps(results))
 
 
 def test_sharded_run_equals_unsharded_run_on_8_fake_devices():
-  # Optimisation level 0 compiles 3-4x faster here; both runs being compared share it.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8 "
-             "--xla_backend_optimization_level=0")
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-  results = json.loads(line[len("RESULT"):])
+  results = run_on_8_fake_devices(_SHARDED_SCRIPT, timeout=300)
   tokens, logprobs, lengths = results.pop("unsharded")
   for name, (other_tokens, other_logprobs, other_lengths) in results.items():
     assert other_tokens == tokens, name
