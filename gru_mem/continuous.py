@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gru_mem import sampling
+from gru_mem import parallel, sampling
 from gru_mem.buckets import smallest_bucket
 from gru_mem.model.config import ModelConfig
 from gru_mem.model.transformer import forward, init_cache
@@ -247,7 +247,7 @@ def _stream(config, params, rows, limits, rng, settings, spec, shards, row_shard
     exit_when_done = min(refill, len(queue)) if queue else slots + 1  # empty queue: run to the end
     state = _decode_slots_jit(params, state, np.int32(exit_when_done), config=config, spec=spec,
                               row_sharding=row_sharding)
-    host = jax.device_get({name: state[name] for name in _OUTPUTS})
+    host = parallel.to_host({name: state[name] for name in _OUTPUTS})
     for slot, row in enumerate(occupant):
       if row >= 0 and host["reason"][slot] != RUNNING:
         for name in _OUTPUTS:

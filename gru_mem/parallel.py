@@ -234,10 +234,15 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None,
                            process_id: Optional[int] = None) -> bool:
   """Calls `jax.distributed.initialize` when a multi-host run is asked for, by arguments or by the
-  launcher's environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, TPU pod). Must run before any
-  other JAX call. Returns whether it initialised; a single-host run does nothing."""
+  launcher's environment (JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID for
+  a hand-made launch, SLURM, Open MPI, TPU pod). Must run before any other JAX call. Returns
+  whether it initialised; a single-host run does nothing."""
   if jax.distributed.is_initialized():
     return True
+  if num_processes is None and os.environ.get("JAX_NUM_PROCESSES", "").isdigit():
+    num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("JAX_PROCESS_ID", "").isdigit():
+    process_id = int(os.environ["JAX_PROCESS_ID"])
   wanted = (coordinator_address is not None or (num_processes or 1) > 1
             or os.environ.get("JAX_COORDINATOR_ADDRESS") or _cluster_env_processes() > 1)
   if not wanted:
@@ -277,3 +282,19 @@ def make_global_array(host_local_batch: Any, mesh: Mesh) -> Any:
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh), np.asarray(x)),
       host_local_batch)
+
+
+def to_host(tree: Any) -> Any:
+  """numpy copies of the arrays in `tree` on this host, whole even where they span other hosts'
+  devices (`process_allgather`: every host then holds the same values and runs the same host
+  logic, as a multi-host rollout needs). One host: `jax.device_get`."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)
+

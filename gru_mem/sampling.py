@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gru_mem import parallel
 from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, smallest_bucket
 from gru_mem.model.config import ModelConfig
 from gru_mem.model.logprobs import picked_log_prob
@@ -389,7 +390,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[Sequence[int]],
 def _collect(finals) -> Generation:
   """Copies the finished batches to the host, drops dummy rows and joins them in input order."""
   fields = ("tokens", "lengths", "logprobs", "sampling_logprobs", "reason")
-  host = jax.device_get([{k: state[k] for k in fields} for _, state in finals])
+  host = parallel.to_host([{k: state[k] for k in fields} for _, state in finals])
   joined = {k: np.concatenate([h[k][:n] for (n, _), h in zip(finals, host)]) for k in fields}
   reason = np.array([STOP_REASONS[int(r)] for r in joined["reason"]])
   return Generation(tokens=joined["tokens"], lengths=joined["lengths"],

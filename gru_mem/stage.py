@@ -15,7 +15,8 @@ metrics.jsonl, the one-line console progress), and stopping early:
 
   * SIGTERM (preemption of a spot VM, maintenance, a Slurm time limit): the step in flight
     finishes, a checkpoint of it is written, the run exits 0 with a line saying where it stopped.
-    On several hosts every host stops at the same step (JAX's preemption sync point).
+    On several hosts every host stops after the same step: the hosts all-gather their SIGTERM
+    flags after each step, so a signal to any one host stops them all there.
   * A run of `max_nonfinite_steps` consecutive steps whose loss or gradients were not finite
     (the learner skips such an update and reports it in `nonfinite_metric`; SFT logs a mean over
     `sft.log_every` steps, so there a run of such windows counts): the last good state is saved
@@ -30,6 +31,7 @@ import threading
 from typing import Any, Mapping, Optional
 
 import jax
+import numpy as np
 
 from gru_mem import checkpoint, logs
 from gru_mem.rl import learner
@@ -60,8 +62,8 @@ class Stage:
   @staticmethod
   def _items(state: learner.TrainState, rng) -> dict:
     items = {"params": state.params, "opt_state": state.opt_state, "step": state.step}
-    if rng is not None:
-      items["rng"] = rng
+    if rng is not None:  # as numpy: a host-local key cannot be saved on several hosts
+      items["rng"] = np.asarray(jax.device_get(rng))
     return items
 
   def resume(self, state: learner.TrainState, rng=None, data_position: Optional[dict] = None
@@ -152,12 +154,12 @@ class Stage:
       self._previous_handler = None
 
   def _preempted(self, step: int) -> bool:
-    """This process got SIGTERM, or (several hosts) JAX's preemption notice reached `step`."""
+    """This process got SIGTERM, or (several hosts) any host did: the hosts all-gather their
+    flags after every step, so every host stops after the same step and saves it."""
+    del step
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      try:
-        return bool(multihost_utils.reached_preemption_sync_point(step))
-      except RuntimeError:  # no preemption service: fall back to this host's own signal
-        pass
+      flags = multihost_utils.process_allgather(np.int32(self._terminated.is_set()))
+      return bool(np.any(flags))
     return self._terminated.is_set()
 
