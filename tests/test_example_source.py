@@ -23,11 +23,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the SFT examples (sft.seed) and their scripted rows, the held-out evaluation examples of every
 # cell, and the compact prompts of every mode.
 BEFORE = {
-    "train": "TBD",
-    "sft_examples": "TBD",
-    "sft_rows": "TBD",
-    "eval": "TBD",
-    "prompts": "TBD",
+    "train": "83ca7c6d035ba2563973e8603afb1f873b80cbdea0109fe63d53fa6d780fadde",
+    "sft_examples": "25259b3caaa9f626a41db62cf7d0de7529d33cd4531f9ddfed74e0b0cbe10c4f",
+    "sft_rows": "5d324565f9e90bcb2150ceccb3579c520c3b409d4dc69c25b51304921aec51a0",
+    "eval": "7d9e3d86eb0fb7f3dba2af0ba462eab3ae45a40ebd96aa1f76808049345ad31f",
+    "prompts": "830c0703738ef34b1e0f94180a63f8349772765d0d06cf9d56f41f8c7ae25332",
 }
 
 
@@ -135,7 +135,7 @@ def memagent_train_rows():
            "prompt": [{"role": "user", "content": "When was Alpha Town founded?"}],
            "reward_model": {"ground_truth": ["1850"], "style": "rule"},
            "extra_info": {"num_docs": 2, "index": 0,
-                          "supporting_facts": [["Alpha Town", 1]]}},
+                          "supporting_facts": ["Alpha Town"]}},
           {"context": CONTEXT,
            "prompt": [{"role": "user", "content": "How long is the Beta River?"}],
            "reward_model": {"ground_truth": ["300 km", "300 kilometres"], "style": "rule"},

@@ -23,7 +23,7 @@ def test_names_and_plain_iterator(paths):
   for name in ("gru_mem.niah_single_1_8k", "gru_mem.niah_multihop_1m", "gru_mem.niah_multiquery_128k",
                "gru_mem.hotpotqa_200docs", "gru_mem.squad_6400docs"):
     assert name in names
-  assert len(tasks.task_names("hotpotqa")) == 8
+  assert len([n for n in tasks.task_names("hotpotqa") if n.endswith("docs")]) == 8
   validation = list(tasks.examples("niah_single_2_8k", "validation"))
   assert len(validation) == 3 and len({e.document for e in validation}) == 3
   assert validation == list(tasks.examples("gru_mem.niah_single_2_8k"))  # deterministic

@@ -13,7 +13,7 @@ RULER jsonl, one record a line: {input (the whole prompt: context, then the ques
 
 Evidence, where it can be recovered (else the example has none, `Example.evidence == ()`):
   * MemAgent (HotpotQA documents): the supporting paragraphs by title, when the record names them
-    (`supporting_facts` or `extra_info.supporting_facts`, [[title, sent_id], ...]), else the
+    (`supporting_facts` or `extra_info.supporting_facts`: [[title, sent_id], ...] or titles), else the
     supporting sentences of the record with the same question in a HotpotQA file given alongside
     (`data.hotpotqa_path`); each paragraph is found by its "Document k:\\n<title>\\n" header.
   * RULER: each gold value's needle sentence, the sentence around its first occurrence in the
@@ -124,7 +124,8 @@ def memagent_fields(record, index: int, path: str) -> dict:
     record_id = str(_field(record, ("index",), where))
     facts = record.get("supporting_facts")
   context = _text_field(record, ("context",), where)
-  titles = tuple(dict.fromkeys(str(f[0]) for f in facts)) if facts else ()
+  titles = tuple(dict.fromkeys(str(f if isinstance(f, str) else f[0]) for f in facts)
+                 ) if facts else ()
   return {"id": record_id, "question": question.strip(), "answers": answers, "context": context,
           "num_docs": int(num_docs), "titles": titles}
 
@@ -159,8 +160,9 @@ def hotpotqa_evidence(context: str, titles: Sequence[str], hotpot_record: Option
         continue
       for sent_id in sorted(set(ids)):
         sentence = sentences[title][sent_id].strip()
-        at = context.find(sentence, *paragraph) if sentence else -1
-        spans.append((at, at + len(sentence)) if at >= 0 else paragraph)
+        if sentence:
+          at = context.find(sentence, *paragraph)
+          spans.append((at, at + len(sentence)) if at >= 0 else paragraph)
   else:
     spans = [s for s in (paragraph_span(context, t) for t in titles) if s is not None]
   return sorted(set(s for s in spans if s[1] > s[0]))

@@ -48,14 +48,17 @@ def check_data_config(data_config) -> None:
   if not families:
     raise ValueError("data.mixture is empty: name a task or mixture, e.g. niah_single_1, "
                      "hotpotqa, memagent or niah_single_word,niah_multihop_1")
-  for name in families:
+  file_families = []
+  for name in families:  # every name first, then the files
     family = name.split("_")[0] if _grid_name(name) and name.split("_")[0] in REAL_TASKS else name
     if family in FILE_KEYS:
-      check_file(data_config, family)
+      file_families.append(family)
     elif name not in synthetic.TASKS and not _grid_name(name):
       raise ValueError(f"data task {name!r} is unknown: use one of "
                        f"{sorted(synthetic.TASKS) + list(REAL_TASKS)}, a grid task such as "
                        "niah_single_1_8k or hotpotqa_200docs, or a comma-separated list of them")
+  for family in dict.fromkeys(file_families):
+    check_file(data_config, family)
   if data_config.context_tokens < 64:
     raise ValueError(f"data.context_tokens={data_config.context_tokens}: must be >= 64")
   if not 0.0 < data_config.evidence_depth <= 1.0:
