@@ -34,6 +34,7 @@ def paper_config(model_dir: str, hotpot_path: str):
     section, name = key.split(".")
     c[section][name] = type(c[section][name])(value)
   c.rl.group_size, c.rl.prompts_per_step, c.rl.dynamic_sampling = 2, 1, False
+  c.rl.kl_beta, c.rl.compute_entropy = 0.0, False  # fewer programs to compile
   c.optim.micro_batch_rows = 4
   c.train.steps, c.train.save_every = 2, 2
   return c
@@ -47,6 +48,9 @@ def run_cli(args, timeout=300):
 
 
 def test_a_user_with_a_local_instruct_model(sample_data, tmp_path):
+  import time
+  start = time.perf_counter()
+  lap = lambda what: print(f"{what}: {time.perf_counter() - start:.1f} s", flush=True)  # noqa
   from gru_mem import export_hf, settings, train
   from gru_mem.data import hotpotqa
   from gru_mem.data.tokenizer import load_tokenizer
@@ -58,14 +62,17 @@ def test_a_user_with_a_local_instruct_model(sample_data, tmp_path):
                 max_position_embeddings=2048).save_pretrained(model_dir)
   shutil.copytree(tokenizer_dir, model_dir, dirs_exist_ok=True)
 
+  lap("model saved")
   config = paper_config(model_dir, hotpot_path)
   assert settings.prompt_set(config, qwen2).name == "paper"
   workdir = str(tmp_path / "run")
   metrics = train.train(config, workdir)
   assert metrics["data/prompts_drawn"] == 1 and "learner/loss" in metrics
+  lap("trained")
   exported, step = export_hf.export(workdir, str(tmp_path / "export"))
   assert step == 2
 
+  lap("exported")
   examples = list(hotpotqa.hotpotqa_examples(hotpot_path, num_docs=2, seed=5, limit=2))
   eval_file = tmp_path / "eval_2.json"
   eval_file.write_text(json.dumps([{"context": e.document, "input": e.question,
@@ -75,7 +82,9 @@ def test_a_user_with_a_local_instruct_model(sample_data, tmp_path):
   run_cli(["gru_mem.evaluate", f"--hf_model={exported}", "--config.eval.tasks=memagent",
            f"--config.data.memagent_path={eval_file}", f"--out={out}",
            f"--config.data.hotpotqa_path={hotpot_path}", "--config.eval.modes=gru_mem",
+           "--config.eval.batch_size=2", "--config.eval.examples=2",
            "--config.eval.baseline_modes=", *OVERRIDES[1:]])
+  lap("evaluated")
   results = json.load(open(out / "results.json"))
   (cell,) = results["cells"]
   assert (cell["task"], cell["length"], cell["examples"]) == ("memagent", 0, 2)
@@ -87,4 +96,5 @@ def test_a_user_with_a_local_instruct_model(sample_data, tmp_path):
   stdout = run_cli(["gru_mem.infer", f"--hf_model={exported}", f"--document={document}",
                     f"--question={examples[0].question}", "--chunk_tokens=96",
                     "--memory_tokens=8", "--max_response_tokens=6", "--max_answer_tokens=6"])
+  lap("inferred")
   assert "answer:" in stdout and "chunks read:" in stdout
