@@ -194,6 +194,7 @@ def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -
   scored = episodes.score_rollout(trajectories, agent_examples, 1, config.rl, mode)
   arrays, metrics = scored.arrays, scored.metrics
   alive = arrays.alive[:, 0]  # [examples, steps]
+  known = alive & arrays.evidence_known[:, :1]  # turns of examples with evidence
   memory = np.where(alive, arrays.memory_length[:, 0], 0)
   steps_alive = np.maximum(alive.sum(0), 1)
   answers = [answer_metrics.score_answer(t.answer or "", e.answers, e.answer_mode)
@@ -213,8 +214,8 @@ def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -
       "exit_late": metrics["gate/exit_late"],
       "update_acc_evidence": metrics["gate/update_acc_evidence"],
       "update_acc_non_evidence": metrics["gate/update_acc_non_evidence"],
-      "evidence_chunks": int((alive & arrays.chunk_has_evidence[:, 0]).sum()),
-      "non_evidence_chunks": int((alive & ~arrays.chunk_has_evidence[:, 0]).sum()),
+      "evidence_chunks": int((known & arrays.chunk_has_evidence[:, 0]).sum()),
+      "non_evidence_chunks": int((known & ~arrays.chunk_has_evidence[:, 0]).sum()),
       "format_ok": metrics["agent/format_ok"],
       "memory_tokens": metrics["agent/memory_tokens"],
       "memory_tokens_by_step": (memory.sum(0) / steps_alive).tolist(),
