@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "seqio==0.0.20",
+    "pyarrow==26.0.1",  # MemAgent's training parquet
     "tensorflow==2.21.0",
     "tensorflow-text==2.21.1",
     "transformers==5.23.0",

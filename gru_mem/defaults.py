@@ -27,12 +27,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.tokenizer = "builtin"  # "builtin" (synthetic tasks) or a local HF tokenizer folder
 
   c.data = ml_collections.ConfigDict()
-  c.data.task = "niah_single_1"  # a gru_mem.data task family for training prompts
-  c.data.train_tasks = ""  # comma-separated task families mixed round-robin (overrides task)
+  c.data.mixture = ""  # the example stream: a registered task, or tasks mixed round-robin
+  #   ("a,b"); names in gru_mem/data/sources.py ("": train_tasks, else task)
+  c.data.task = "niah_single_1"  # a task for training prompts (when mixture and train_tasks are "")
+  c.data.train_tasks = ""  # comma-separated tasks mixed round-robin (when mixture is "")
   c.data.context_tokens = 2048  # document length in tokens for synthetic tasks
   c.data.evidence_depth = 1.0  # evidence within the first fraction of the document (1 = anywhere)
   c.data.hotpotqa_path = ""  # HotpotQA JSON (distractor format) for hotpotqa tasks
   c.data.squad_path = ""  # SQuAD v2 JSON for squad tasks
+  c.data.memagent_path = ""  # MemAgent's training parquet or eval_{num_docs}.json (memagent task)
+  c.data.ruler_path = ""  # RULER jsonl (input, outputs, length) for the ruler task
   c.data.essays_path = ""  # essay haystack text file (RULER's Paul Graham essays)
   c.data.num_documents = 200  # HotpotQA/SQuAD documents per example
 
@@ -42,6 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.agent.memory_tokens = 1024  # memory cap in tokens (paper: 1024)
   c.agent.max_response_tokens = 1536  # budget of one memory-turn response
   c.agent.max_answer_tokens = 256  # budget of the answer turn
+  c.agent.prompt = "auto"  # auto | paper (instruct models) | compact (built-in tokenizer);
+  #   auto: compact for the built-in tokenizer, paper for an HF tokenizer (agent/prompts.py)
+  c.agent.prompt_file = ""  # a prompt file of one's own (format: prompts.read_prompt_file)
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.temperature = 1.0  # rollout temperature during RL
@@ -124,7 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.log_every = 10  # average and log metrics every N steps
 
   c.eval = ml_collections.ConfigDict()  # gru_mem.evaluate (stage 3 of the default job)
-  c.eval.tasks = "niah_single_1"  # comma-separated task families (synthetic, hotpotqa, squad)
+  c.eval.tasks = "niah_single_1"  # comma-separated tasks (synthetic, hotpotqa, squad, memagent,
+  #   ruler: the last two are read whole from their files, one cell each)
   c.eval.lengths = "8192"  # comma-separated document + question lengths in tokens
   c.eval.evidence_depths = "1.0"  # comma-separated: evidence within this leading fraction
   c.eval.modes = "memagent,gru_mem_no_exit,gru_mem"  # modes of the evaluated model

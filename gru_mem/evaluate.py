@@ -9,16 +9,27 @@ r"""Evaluation: tasks x lengths x evidence depths x (model, mode) -> accuracy, t
       --config.data.hotpotqa_path=/data/hotpot_dev_distractor_v1.json \
       --config.eval.lengths=7000,14000,28000,56000,112000 --out runs/hqa_eval
 
+  # MemAgent's evaluation files (eval_{num_docs}.json, or the training parquet), read whole
+  python -m gru_mem.evaluate --hf_model /models/gru-mem-3b --config configs/qwen2p5_3b_hotpotqa.py \
+      --config.eval.tasks=memagent --config.data.memagent_path=/data/eval_200.json
+
 Every cell (task, length in tokens of document + question, evidence depth: the evidence lies in
 the first `depth` of the document; 1 = anywhere, synthetic tasks only) holds `eval.examples`
-held-out examples: synthetic ones with data seeds `eval.seed * 1_000_003 + i`, which no training
-stage draws (SFT uses `sft.seed`, RL `seed`), real ones are the first records of the data file.
-Each (model, mode) reads them with greedy decoding, `eval.batch_size` examples per rollout.
+held-out examples: the validation stream of the cell's registered task (`sources.family_task`)
+with seed `eval.seed` (data seeds `eval.seed * 1_000_003 + i`, the one rule of data/tasks.py),
+which no training stage draws (SFT uses `sft.seed`, RL `seed`); real ones are the first records
+of the data file. `memagent` and `ruler` documents come whole from their files: one cell each,
+length 0 ("as in the file"). Each (model, mode) reads them with greedy decoding,
+`eval.batch_size` examples per rollout.
 
-Per cell and run: accuracy (the boxed answer against the gold answers, as r_out), wall time
+Per cell and run: accuracy (the boxed answer against the gold answers, as r_out), the paper's
+answer metrics over the boxed answers (sub_exact_match: gold in prediction or prediction in
+gold, exact_match, f1; SQuAD normalisation, best over gold answers), wall time
 (sampler compilation excluded: every shape is compiled before the clock starts), chunks read,
 exits early / exact / late relative to the last evidence chunk, the update gate's accuracy on
 evidence and on non-evidence chunks, the format-ok rate and the memory length at every step.
+Gate and exit numbers count only the `examples_with_evidence` (a file whose evidence cannot be
+recovered still scores answers and format).
 Written to `out/`: results.json, report.md (tables and the checks of the default job), and PNG
 plots (accuracy vs length, time vs length, memory length vs step); see `eval_report.py`.
 """
@@ -45,8 +56,8 @@ from gru_mem import buckets, continuous, eval_report, runtime, settings
 from gru_mem.agent import modes
 from gru_mem.agent.prompts import PromptBuilder
 from gru_mem.agent.rollout import AgentExample, RolloutSettings, rollout, sampler_policy
-from gru_mem.data import sources
-from gru_mem.data import synthetic
+from gru_mem.data import metrics as answer_metrics
+from gru_mem.data import sources, synthetic, tasks
 from gru_mem.rl import episodes
 
 REAL_TASKS = sources.REAL_TASKS
@@ -78,13 +89,13 @@ def _csv(value, kind=str) -> list:
 
 def cells(eval_config) -> list[Cell]:
   """The grid: every task x length x depth (real tasks only at depth 1, where they are)."""
-  tasks, lengths = _csv(eval_config.tasks), _csv(eval_config.lengths, int)
+  names, lengths = _csv(eval_config.tasks), _csv(eval_config.lengths, int)
   depths = _csv(eval_config.evidence_depths, float)
-  if not tasks or not lengths or not depths:
+  if not names or not lengths or not depths:
     raise ValueError(f"eval.tasks={eval_config.tasks!r}, eval.lengths={eval_config.lengths!r} and "
                      f"eval.evidence_depths={eval_config.evidence_depths!r} must each name one or "
                      "more values")
-  for task in tasks:
+  for task in names:
     if task not in synthetic.TASKS and task not in REAL_TASKS:
       raise ValueError(f"eval.tasks: {task!r} is unknown; use {sorted(synthetic.TASKS)} or "
                        f"{list(REAL_TASKS)}")
@@ -92,29 +103,36 @@ def cells(eval_config) -> list[Cell]:
     if not 0.0 < depth <= 1.0:
       raise ValueError(f"eval.evidence_depths: {depth} must be in (0, 1]")
   grid = []
-  for task, length, depth in itertools.product(tasks, lengths, depths):
+  for task, length, depth in itertools.product(names, lengths, depths):
     if task in REAL_TASKS and depth < 1.0:
       continue  # real documents place their own evidence
-    grid.append(Cell(task, length, depth))
+    if task in sources.FIXED_LENGTH_TASKS:
+      length = 0  # documents come whole from the file
+    if Cell(task, length, depth) not in grid:
+      grid.append(Cell(task, length, depth))
   return grid
 
 
 def held_out_examples(config, tokenizer, cell: Cell) -> list:
   """`eval.examples` examples of `cell` that no training stage sees (see the module doc)."""
-  count, seed = config.eval.examples, config.eval.seed
-  if cell.task == "hotpotqa":
-    from gru_mem.data import hotpotqa
-    records = hotpotqa.load_hotpotqa(config.data.hotpotqa_path)
-    return [hotpotqa.hotpotqa_example(records, i, target_tokens=cell.length, tokenizer=tokenizer,
-                                      seed=seed) for i in range(min(count, len(records)))]
-  if cell.task == "squad":
-    from gru_mem.data import squad
-    data = squad.load_squad(config.data.squad_path)
-    return [squad.squad_example(data, i, target_tokens=cell.length, tokenizer=tokenizer, seed=seed)
-            for i in range(min(count, len(data.questions)))]
-  return [synthetic.generate(cell.task, cell.length, tokenizer, seed=seed * 1_000_003 + i,
-                             evidence_within=cell.evidence_depth,
-                             essays_path=config.data.essays_path or None) for i in range(count)]
+  spec = sources.family_task(cell.task, config.data, tokenizer, length=cell.length or None,
+                             depth=cell.evidence_depth, eval_seed=config.eval.seed,
+                             eval_examples=config.eval.examples)
+  return list(tasks.examples(spec.name, "validation"))
+
+
+def check_eval_config(config) -> list[Cell]:
+  """The grid, after checking the eval keys and reading every data file it needs (errors name
+  the file, record and field), before any model is loaded."""
+  grid = cells(config.eval)
+  if config.eval.examples < 1 or config.eval.batch_size < 1:
+    raise ValueError(f"eval.examples={config.eval.examples} and eval.batch_size="
+                     f"{config.eval.batch_size}: both must be >= 1")
+  for task in dict.fromkeys(cell.task for cell in grid):
+    if task in REAL_TASKS:
+      sources.check_file(config.data, task)
+  settings.check_prompt(config)
+  return grid
 
 
 def warm_up(model: Model, sample_settings, builder: PromptBuilder,
@@ -154,7 +172,7 @@ def run_cell(model: Model, mode: str, config, examples: Sequence, batch_size: in
   """Reads `examples` with `model` in `mode` (greedy) and summarises the trajectories."""
   tokenizer = model.tokenizer
   rollout_settings = settings.rollout_settings(config, group_size=1, mode=mode)
-  builder = PromptBuilder(tokenizer, mode)
+  builder = PromptBuilder(tokenizer, mode, settings.prompt_set(config, tokenizer))
   sample_settings = settings.sampling_settings(config, tokenizer,
                                                temperature=config.sampling.eval_temperature)
   policy = sampler_policy(model.config, model.params, sample_settings)
@@ -176,11 +194,17 @@ def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -
   scored = episodes.score_rollout(trajectories, agent_examples, 1, config.rl, mode)
   arrays, metrics = scored.arrays, scored.metrics
   alive = arrays.alive[:, 0]  # [examples, steps]
+  known = alive & arrays.evidence_known[:, :1]  # turns of examples with evidence
   memory = np.where(alive, arrays.memory_length[:, 0], 0)
   steps_alive = np.maximum(alive.sum(0), 1)
+  answers = [answer_metrics.score_answer(t.answer or "", e.answers, e.answer_mode)
+             for t, e in zip(trajectories, agent_examples)]
   return {
       "examples": len(trajectories),
+      "examples_with_evidence": int(arrays.evidence_known[:, 0].sum()),
       "accuracy": metrics["agent/accuracy"],
+      **{key: float(np.mean([a[key] for a in answers])) if answers else 0.0
+         for key in ("sub_exact_match", "exact_match", "f1")},
       "seconds": seconds,
       "seconds_per_example": seconds / max(len(trajectories), 1),
       "chunks_read": metrics["agent/chunks_read"],
@@ -190,8 +214,8 @@ def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -
       "exit_late": metrics["gate/exit_late"],
       "update_acc_evidence": metrics["gate/update_acc_evidence"],
       "update_acc_non_evidence": metrics["gate/update_acc_non_evidence"],
-      "evidence_chunks": int((alive & arrays.chunk_has_evidence[:, 0]).sum()),
-      "non_evidence_chunks": int((alive & ~arrays.chunk_has_evidence[:, 0]).sum()),
+      "evidence_chunks": int((known & arrays.chunk_has_evidence[:, 0]).sum()),
+      "non_evidence_chunks": int((known & ~arrays.chunk_has_evidence[:, 0]).sum()),
       "format_ok": metrics["agent/format_ok"],
       "memory_tokens": metrics["agent/memory_tokens"],
       "memory_tokens_by_step": (memory.sum(0) / steps_alive).tolist(),
@@ -215,13 +239,7 @@ def runs(eval_config, models: dict) -> list[tuple[str, str]]:
 def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
   """Runs the grid for `models` ({'gru_mem': Model, optionally 'stage1': Model}) and writes
   results.json, report.md and the plots to `out_dir`. Returns the results dict."""
-  grid, pairs = cells(config.eval), runs(config.eval, models)
-  if config.eval.examples < 1 or config.eval.batch_size < 1:
-    raise ValueError(f"eval.examples={config.eval.examples} and eval.batch_size="
-                     f"{config.eval.batch_size}: both must be >= 1")
-  for cell in grid:
-    if cell.task in REAL_TASKS:
-      _check_real(config, cell)
+  grid, pairs = check_eval_config(config), runs(config.eval, models)
   os.makedirs(out_dir, exist_ok=True)
   results = {"cells": [], "meta": run_meta(config, command)}
   progress = tqdm.tqdm(total=len(grid) * len(pairs), desc="[eval] cells", unit="cell",
@@ -236,6 +254,7 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
                                "evidence_depth": cell.evidence_depth, "model": label,
                                "mode": mode, **summary})
       progress.write(f"[eval] {cell.name} {label}/{mode}: acc {summary['accuracy']:.3f} "
+                     f"sub-EM {summary['sub_exact_match']:.3f} F1 {summary['f1']:.3f} "
                      f"time {summary['seconds']:.1f}s chunks {summary['chunks_read']:.1f}/"
                      f"{summary['num_chunks']:.0f} exact-exit {summary['exit_exact']:.2f}",
                      file=sys.stdout)
@@ -247,13 +266,6 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
   eval_report.write_report(results, out_dir)
   eval_report.plot_results(results, out_dir)
   return results
-
-
-def _check_real(config, cell: Cell) -> None:
-  path = config.data.hotpotqa_path if cell.task == "hotpotqa" else config.data.squad_path
-  if not path or not os.path.isfile(path):
-    raise FileNotFoundError(f"eval task {cell.task!r} needs data.{cell.task}_path to point at the "
-                            f"local JSON file (got {path!r})")
 
 
 def run_meta(config, command: str) -> dict:
@@ -285,6 +297,7 @@ def main(argv) -> None:
   if bool(f.workdir) == bool(f.hf_model):
     raise ValueError("give exactly one of --workdir (a training run) or --hf_model (an HF folder)")
   out = f.out or os.path.join(f.workdir or ".", "eval")
+  check_eval_config(f.config)  # bad data files fail before a model is loaded
   models = load_models(f.workdir, f.hf_model, f.baseline_workdir)
   evaluate(f.config, models, out)
   print(f"[eval] wrote {out}/report.md, results.json and plots")

@@ -32,7 +32,7 @@ import numpy as np
 from gru_mem import gates, run_folder, sampling, settings
 from gru_mem.agent import modes
 from gru_mem.agent.chunking import chunk_document
-from gru_mem.agent.prompts import PromptBuilder
+from gru_mem.agent.prompts import PromptBuilder, choose_prompt_set
 from gru_mem.agent.rollout import (AgentExample, Policy, RolloutSettings, check_budget, rollout,
                                    sampler_policy)
 from gru_mem.data.tokenizer import Tokenizer
@@ -132,7 +132,7 @@ def answer_question(model_config: ModelConfig, params: Any, tokenizer: Tokenizer
   start = time.perf_counter()
   settings = agent_settings(mode, chunk_tokens, memory_tokens, max_response_tokens,
                             max_answer_tokens)
-  builder = PromptBuilder(tokenizer, mode)
+  builder = PromptBuilder(tokenizer, mode, choose_prompt_set(tokenizer))
   question_ids = question_ids_within_budget(builder, question, settings, chunk_tokens,
                                             model_config.max_position_embeddings)
   if not document_text.strip():
@@ -231,7 +231,8 @@ def prepare(hf_model: Optional[str], workdir: Optional[str], step: Optional[int]
                       if v is not None)
            for name, default in AGENT_DEFAULTS.items()}
   settings = agent_settings(**agent)
-  question_ids_within_budget(PromptBuilder(tokenizer, agent["mode"]), question, settings,
+  question_ids_within_budget(PromptBuilder(tokenizer, agent["mode"], choose_prompt_set(tokenizer)),
+                             question, settings,
                              agent["chunk_tokens"], model_config.max_position_embeddings)
   return Request(document_text, question.strip(), agent)
 

@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 from gru_mem import defaults, parallel, sampling
-from gru_mem.agent import modes
+from gru_mem.agent import modes, prompts
 from gru_mem.agent.rollout import RolloutSettings
 from gru_mem.agent.scripted import ScriptSettings
 from gru_mem.data import sources
@@ -102,6 +102,22 @@ def script_settings(config) -> ScriptSettings:
                         keep_non_evidence_turns=sft.keep_non_evidence_turns, think=sft.think)
 
 
+def prompt_set(config, tokenizer) -> prompts.PromptSet:
+  """agent.prompt / agent.prompt_file for this tokenizer (auto: compact for the built-in one)."""
+  agent = config.agent
+  return prompts.choose_prompt_set(tokenizer, agent.get("prompt", "auto"),
+                                   agent.get("prompt_file", ""))
+
+
+def check_prompt(config) -> None:
+  """agent.prompt is a known set and agent.prompt_file (if given) reads cleanly."""
+  agent = config.agent
+  if agent.get("prompt", "auto") not in prompts.PROMPT_CHOICES:
+    raise ValueError(f"agent.prompt={agent.prompt!r}: use one of {prompts.PROMPT_CHOICES}")
+  if agent.get("prompt_file", ""):
+    prompts.read_prompt_file(agent.prompt_file)
+
+
 def agent_defaults() -> dict:
   """The agent keys `infer` falls back to when a run's config does not give them."""
   agent = defaults.get_config().agent
@@ -161,6 +177,7 @@ def validate(config) -> None:
     raise ValueError(f"train.steps={train.steps} must be >= 0 and train.save_every="
                      f"{train.save_every} >= 1")
   modes.check_mode(config.agent.mode)
+  check_prompt(config)
   rollout_settings(config)  # checks the budgets
   learner_settings(config)  # checks the optimizer and loss settings
   check_model_source(config)
@@ -187,6 +204,7 @@ def validate_sft(config) -> None:
     raise ValueError(f"sft.save_every={sft.save_every} and sft.log_every={sft.log_every}: both "
                      "must be >= 1")
   script_settings(config)
+  check_prompt(config)
   sft_learner_settings(config)
   check_model_source(config)
   check_tokenizer_source(config)

@@ -58,7 +58,8 @@ def train_sft(config, workdir: str,
                     nonfinite_metric="nonfinite")
   state, _, _, start_step = run.resume(state)
   trajectories = ScriptedRows(config.data, tokenizer, config.agent.chunk_tokens,
-                              settings.script_settings(config), sft.examples_per_step, sft.seed)
+                              settings.script_settings(config), sft.examples_per_step, sft.seed,
+                              prompt_set=settings.prompt_set(config, tokenizer))
   copies = CopyRows(tokenizer, sft.copy_rows, sft.copy_tokens, sft.seed)
   sft_step = learner.make_train_step(model_config, learner_settings, objective=learner.NLL)
   metrics: dict = {}

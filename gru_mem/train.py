@@ -114,7 +114,7 @@ def train(config, workdir: str) -> dict:
       state, rng, {"examples_consumed": 0, "seed": config.seed})
   stream = sources.example_stream(config.data, tokenizer, seed=config.seed,
                                   start=data_position["examples_consumed"])
-  builder = PromptBuilder(tokenizer, config.agent.mode)
+  builder = PromptBuilder(tokenizer, config.agent.mode, settings.prompt_set(config, tokenizer))
   train_step = learner.make_train_step(model_config, learner_settings, mesh)
   sample_settings = settings.sampling_settings(config, tokenizer)
   metrics: dict = {}

@@ -86,3 +86,27 @@ def test_modes():
   assert [modes.exit_enabled(m) for m in modes.MODES] == [False, True, False]
   with pytest.raises(ValueError, match="mode='gru': use one of"):
     modes.is_gated("gru")
+
+
+def test_examples_without_evidence_train_on_outcome_and_format_only():
+  """Group 0's example has no known evidence (a MemAgent record nothing could be recovered
+  for): no exit or update reward, left out of the gate metrics; group 1 is unchanged."""
+  trajectories = rollout()
+  for t in trajectories[:2]:
+    t.last_evidence_chunk = -1
+    for memory_turn in t.turns:
+      memory_turn.has_evidence = False
+  scored = episodes.score_rollout(trajectories, EXAMPLES, 2, RL, "gru_mem")
+  # r_traj = r_out + r_fmt: g0 1 + 1 = 2, g1 0 + 1 = 1 (no late-exit penalty); group 1: 2, 2.
+  np.testing.assert_allclose(scored.signal["r_traj"], [[2.0, 1.0], [2.0, 2.0]])
+  np.testing.assert_allclose(scored.signal["r_exit"], 0.0)
+  np.testing.assert_allclose(scored.signal["r_upd"][0], 0.0)
+  np.testing.assert_allclose(scored.signal["r_upd"][1], [[1, 0], [1, 0]])
+  # A_traj = (0.5, -0.5), A_turn = 0: memory turns 0.9 * A_traj, answer turns A_traj.
+  np.testing.assert_allclose(scored.signal["memory_advantage"][0], [[0.45, 0.45], [-0.45, 0]],
+                             rtol=1e-6)
+  assert scored.metrics["data/examples_with_evidence"] == 1.0
+  # Gate metrics from group 1 only: both exit exactly after its evidence chunk 0.
+  assert scored.metrics["gate/exit_exact"] == 1.0 and scored.metrics["gate/exit_late"] == 0.0
+  assert scored.metrics["gate/update_acc_evidence"] == 1.0
+  assert np.isnan(scored.metrics["gate/update_acc_non_evidence"])  # group 1 has none

@@ -140,3 +140,23 @@ def test_evaluate_writes_results_report_and_plots(tmp_path):
   for name in ("report.md", "accuracy_vs_length.png", "time_vs_length.png", "memory_vs_step.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
   assert "| niah_single_1 | 96 |" in (tmp_path / "report.md").read_text()
+
+
+def test_answer_metrics_and_examples_without_evidence():
+  """sub-EM, EM and F1 (SQuAD normalisation) of the boxed answers, by hand; an example without
+  evidence counts in the answers but not in the gate and exit numbers."""
+  examples = [agent_example(2, (0,), "the Eiffel Tower"), agent_example(2, (), "Paris"),
+              agent_example(2, (1,), "1889")]
+  trajectories = [trajectory(examples[0], [(Y, E)], "Eiffel Tower", [2]),  # EM 1 (article)
+                  trajectory(examples[1], [(Y, C), (N, C)], "Paris, France", [2, 2]),
+                  trajectory(examples[2], [(N, C), (Y, E)], "in 1890", [0, 2])]
+  summary = evaluate.summarize(trajectories, examples, tiny.get_config(), "gru_mem", seconds=1.0)
+  assert summary["examples_with_evidence"] == 2
+  assert summary["exact_match"] == pytest.approx(1 / 3)
+  # sub-EM: "paris" in "paris france" -> 1; "1889" vs "in 1890" -> 0
+  assert summary["sub_exact_match"] == pytest.approx(2 / 3)
+  # F1: 1; "paris france" vs "paris": P 1/2, R 1 -> 2/3; 0
+  assert summary["f1"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+  # exits of the two examples with evidence: exact (ex0), exact (ex2)
+  assert summary["exit_exact"] == 1.0
+  assert summary["evidence_chunks"] == 2 and summary["non_evidence_chunks"] == 1

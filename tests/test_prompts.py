@@ -3,6 +3,7 @@
 import copy
 import functools
 import os
+import re
 
 import numpy as np
 import pytest
@@ -160,3 +161,114 @@ def test_response_stop_sequences(sample_data):
 def test_bad_mode():
   with pytest.raises(ValueError, match="mode='gated'"):
     prompts.PromptBuilder(builtin_tokenizer(), "gated")
+
+
+# --- prompt sets: paper (instruct models), compact (built-in), a user's prompt file -------------
+
+
+def _paper_reference(tokenizer, template, **fields):
+  """Independent reference: the filled-in paper template as one chat user message."""
+  if not fields.get("memory"):
+    fields["memory"] = "No previous memory"
+  return tokenizer.apply_chat_template([{"role": "user", "content": template.format(**fields)}],
+                                       add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("mode", modes.MODES)
+def test_paper_prompts_through_the_qwen2_chat_template(sample_data, mode):
+  qwen2 = _qwen2(os.path.join(sample_data, "qwen2_tokenizer"))
+  builder = prompts.PromptBuilder(qwen2, mode, prompts.PAPER)
+  template = prompts.memory_template(mode, prompts.PAPER)
+  for question, memory, chunk in FIELDS:
+    memory_ids, answer_ids = _spliced(builder, qwen2, question, memory, chunk)
+    memory_text = _paper_reference(qwen2, template, question=question, memory=memory, chunk=chunk)
+    answer_text = _paper_reference(qwen2, prompts.PAPER.answer, question=question, memory=memory)
+    assert memory_ids.tolist() == qwen2.encode(memory_text)
+    assert answer_ids.tolist() == qwen2.encode(answer_text)
+    assert builder.memory_turn_text(question, memory, chunk) == memory_text
+  text = builder.memory_turn_text("Who?", "", "Some section.")
+  assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+  order = ["<problem>\nWho?", "<memory>\nNo previous memory", "<section>\nSome section."]
+  if modes.is_gated(mode):
+    order += ["<think>", "</think>", "<check>", "</check>", "<update>", "</update>", "<next>",
+              "</next>"]
+  positions = [text.index(piece) for piece in order]
+  assert positions == sorted(positions)
+  assert "\\boxed{}" in builder.answer_turn_text("Who?", "m")
+
+
+def test_prompt_choice_follows_the_tokenizer(sample_data, tmp_path):
+  qwen2 = _qwen2(os.path.join(sample_data, "qwen2_tokenizer"))
+  builtin = builtin_tokenizer()
+  builtin.save(str(tmp_path / "saved"))  # as in a run folder: still the built-in tokenizer
+  assert prompts.choose_prompt_set(qwen2) is prompts.PAPER
+  assert prompts.choose_prompt_set(builtin) is prompts.COMPACT
+  assert prompts.choose_prompt_set(load_tokenizer(str(tmp_path / "saved"))) is prompts.COMPACT
+  assert prompts.choose_prompt_set(builtin, "paper") is prompts.PAPER
+  with pytest.raises(ValueError, match="agent.prompt='fancy': use one of"):
+    prompts.choose_prompt_set(builtin, "fancy")
+
+
+PROMPT_FILE = """# my prompts
+== memory ==
+Problem:
+{question}
+Notes so far:
+{memory}
+Text:
+{chunk}
+Answer as <think>why</think> <check>yes or no</check> <update>notes</update> <next>end or continue</next>.
+== memagent_memory ==
+Problem:
+{question}
+Notes so far:
+{memory}
+Text:
+{chunk}
+Write the new notes {like this}.
+== answer ==
+Problem:
+{question}
+Notes:
+{memory}
+Put the answer in \\boxed{}.
+== empty_memory ==
+(nothing yet)
+"""
+
+
+def prompt_file_text() -> str:
+  """PROMPT_FILE with " " before the newline after each field (the piece-boundary rule)."""
+  return re.sub(r"(\{(?:question|memory|chunk)\})\n", r"\1 \n", PROMPT_FILE)
+
+
+def test_prompt_file(sample_data, tmp_path):
+  qwen2 = _qwen2(os.path.join(sample_data, "qwen2_tokenizer"))
+  path = tmp_path / "prompts.txt"
+  path.write_text(prompt_file_text())
+  prompt_set = prompts.read_prompt_file(str(path))
+  builder = prompts.PromptBuilder(qwen2, "memagent", prompt_set)
+  text = builder.memory_turn_text("Who?", "", "Text here.")
+  assert "Notes so far:\n(nothing yet) \nText:\nText here. \nWrite the new notes {like this}." in text
+  question, memory, chunk = FIELDS[1]
+  ids, answer = _spliced(builder, qwen2, question, memory, chunk)
+  assert ids.tolist() == qwen2.encode(builder.memory_turn_text(question, memory, chunk))
+  assert "Put the answer in \\boxed{}." in builder.answer_turn_text("Who?", "m")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.replace("== answer ==", "== answers =="), "line 18: unknown section 'answers'"),
+    (lambda t: t + "== empty_memory ==\nx\n", "section 'empty_memory' appears twice"),
+    (lambda t: t.replace("== empty_memory ==\n(nothing yet)\n", ""),
+     "section 'empty_memory' is missing"),
+    (lambda t: t.replace("Notes:\n{memory}", "Notes:\n{question}"),
+     r"section 'answer' holds the fields \['question', 'question'\]"),
+    (lambda t: t.replace("<check>yes or no</check> ", ""),
+     r"does not describe the response tags \['<check>', '</check>'\]"),
+    (lambda t: t.replace("\\boxed{}", "a box"), "must ask for the answer inside"),
+])
+def test_prompt_file_errors_name_the_problem(tmp_path, change, message):
+  path = tmp_path / "prompts.txt"
+  path.write_text(change(prompt_file_text()))
+  with pytest.raises(ValueError, match=f"agent.prompt_file=.*{message}"):
+    prompts.read_prompt_file(str(path))

@@ -7,6 +7,12 @@ Three prompts (the wording is ours; the structure follows GRU-Mem / MemAgent):
   * answer turn (every mode): Q and the final memory; the answer goes inside `\\boxed{}`.
 `gru_mem_no_exit` uses the gated prompt unchanged; only the rollout ignores its `<next>` gate.
 
+Prompt sets (`agent.prompt`): `compact` (lower-case, for the built-in tokenizer, whose vocabulary
+has no capitals; empty memory "none") and `paper` (for instruct models and HF tokenizers: the
+problem, the previous memory, "No previous memory" at the start, the section, explicit response
+instructions). `auto` picks `compact` for the built-in tokenizer and `paper` otherwise.
+`agent.prompt_file` reads a user's set (`read_prompt_file`, format in its docstring).
+
 Each prompt is one user message, put through the tokenizer's chat template when it has one (with
 the assistant generation prompt). `PromptBuilder` renders the template once with placeholders,
 cuts it at the placeholders into text pieces, tokenizes each piece once, and builds every turn by
@@ -23,12 +29,16 @@ decode to the same text):
     the built-in tokenizer learned no merge of whitespace runs other than "\\n\\n").
 A leading " \\n" rather than "\\n" keeps fields that end in punctuation exact: Qwen2 merges
 "?\\n\\n" into one token but not "? \\n\\n". Memories from `parse.py` are stripped text (only a
-token cut can leave one ending in whitespace); pass stripped questions too.
+token cut can leave one ending in whitespace); pass stripped questions too. Both built-in sets
+follow this rule; a prompt file should too (its splice is still exact in text, see above).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import os
+import re
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -58,14 +68,77 @@ ANSWER_TEMPLATE = (
     "question:\n{question} \n\nmemory:\n{memory} \n\n"
     "think briefly, then write the final answer inside \\boxed{{}}.")
 
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+  """The user-message templates of one prompt set (str.format templates: fields in braces)."""
+  name: str
+  gated_memory: str  # fields question, memory, chunk (in this order)
+  memagent_memory: str  # fields question, memory, chunk
+  answer: str  # fields question, memory
+  empty_memory: str  # what an empty memory M_0 renders as
+
+
+COMPACT = PromptSet("compact", GATED_MEMORY_TEMPLATE, MEMAGENT_MEMORY_TEMPLATE, ANSWER_TEMPLATE,
+                    EMPTY_MEMORY)
+
+_PAPER_INPUTS = ("<problem>\n{question} \n</problem>\n\n"
+                 "<memory>\n{memory} \n</memory>\n\n"
+                 "<section>\n{chunk} \n</section>\n\n")
+PAPER = PromptSet(
+    "paper",
+    gated_memory=(
+        "You are given a problem, your memory of the article so far and the next section of the "
+        "article. Read the section and decide whether it holds information that helps to solve "
+        "the problem, then keep your memory up to date.\n\n" + _PAPER_INPUTS +
+        "Respond in exactly this format, with nothing outside the four tags:\n"
+        "<think>your reasoning about the section, the memory and the problem</think>\n"
+        "<check>yes if the section holds new information that helps to solve the problem, "
+        "otherwise no</check>\n"
+        "<update>the complete new memory: the previous memory together with the new relevant "
+        "information</update>\n"
+        "<next>end if the memory is now enough to solve the problem, otherwise continue</next>"),
+    memagent_memory=(
+        "You are given a problem, your memory of the article so far and the next section of the "
+        "article. Read the section and write your updated memory: keep what in the previous "
+        "memory helps to solve the problem and add any new relevant information from the "
+        "section.\n\n" + _PAPER_INPUTS +
+        "Respond with the updated memory only."),
+    answer=(
+        "You have read a long article section by section and kept a memory of what helps to "
+        "solve the problem. Solve the problem using your memory.\n\n"
+        "<problem>\n{question} \n</problem>\n\n<memory>\n{memory} \n</memory>\n\n"
+        "Think it through briefly, then give the final answer inside \\boxed{{}}, for example "
+        "\\boxed{{Paris}}."),
+    empty_memory="No previous memory")
+PROMPT_SETS = {"compact": COMPACT, "paper": PAPER}
+PROMPT_CHOICES = ("auto",) + tuple(PROMPT_SETS)
+MEMORY_FIELDS = ("question", "memory", "chunk")
+ANSWER_FIELDS = ("question", "memory")
+
+
+def choose_prompt_set(tokenizer: Tokenizer, name: str = "auto", prompt_file: str = ""
+                      ) -> PromptSet:
+  """`agent.prompt` / `agent.prompt_file` -> a PromptSet; `auto`: compact for the built-in
+  tokenizer, paper for any other (an HF folder)."""
+  if prompt_file:
+    return read_prompt_file(prompt_file)
+  if name not in PROMPT_CHOICES:
+    raise ValueError(f"agent.prompt={name!r}: use one of {PROMPT_CHOICES} (or agent.prompt_file)")
+  if name == "auto":
+    return COMPACT if tokenizer.is_builtin else PAPER
+  return PROMPT_SETS[name]
+
+
 # Placeholders that cut the rendered template into pieces (no tokenizer or template makes them).
 _SENTINELS = {"question": "\x00Q\x00", "memory": "\x00M\x00", "chunk": "\x00C\x00"}
 
 
-def memory_template(mode: str) -> str:
+def memory_template(mode: str, prompt_set: PromptSet = COMPACT) -> str:
   """The user-message template of a memory turn in `mode` (fields: question, memory, chunk)."""
   _check_mode(mode)
-  return GATED_MEMORY_TEMPLATE if modes.is_gated(mode) else MEMAGENT_MEMORY_TEMPLATE
+  return prompt_set.gated_memory if modes.is_gated(mode) else prompt_set.memagent_memory
 
 
 def render(tokenizer: Tokenizer, template: str, **fields: str) -> str:
@@ -103,19 +176,23 @@ def _splice(pieces: Sequence[np.ndarray], fields: Sequence[Sequence[int]]) -> np
 class PromptBuilder:
   """Memory-turn and answer-turn prompt ids for one tokenizer and mode; templates tokenized once.
 
-  Fields are token ids without padding (lists or 1-D arrays); an empty memory renders as
-  `EMPTY_MEMORY`. Results are 1-D int32 arrays.
+  Fields are token ids without padding (lists or 1-D arrays); an empty memory renders as the
+  prompt set's `empty_memory`; `prompt_set` None is COMPACT. Results are 1-D int32 arrays.
   """
 
-  def __init__(self, tokenizer: Tokenizer, mode: str = "gru_mem"):
+  def __init__(self, tokenizer: Tokenizer, mode: str = "gru_mem",
+               prompt_set: Optional[PromptSet] = None):
     _check_mode(mode)
     self.tokenizer = tokenizer
     self.mode = mode
     self.gated = modes.is_gated(mode)
-    self.memory_template = memory_template(mode)
-    self._memory_pieces = _pieces(tokenizer, self.memory_template, ("question", "memory", "chunk"))
-    self._answer_pieces = _pieces(tokenizer, ANSWER_TEMPLATE, ("question", "memory"))
-    self.empty_memory_ids = np.asarray(tokenizer.encode(EMPTY_MEMORY), np.int32)
+    self.prompt_set = COMPACT if prompt_set is None else prompt_set
+    self.memory_template = memory_template(mode, self.prompt_set)
+    self.answer_template = self.prompt_set.answer
+    self.empty_memory = self.prompt_set.empty_memory
+    self._memory_pieces = _pieces(tokenizer, self.memory_template, MEMORY_FIELDS)
+    self._answer_pieces = _pieces(tokenizer, self.answer_template, ANSWER_FIELDS)
+    self.empty_memory_ids = np.asarray(tokenizer.encode(self.empty_memory), np.int32)
     self._end_tag_ids = tuple(tokenizer.encode("</next>"))
     # Template tokens a turn adds to its fields; counts the empty-memory word too, so that
     # question + memory + chunk + overhead is an upper bound on the prompt length.
@@ -140,12 +217,12 @@ class PromptBuilder:
   def memory_turn_text(self, question: str, memory: str, chunk: str) -> str:
     """The text that `memory_turn` spells (for traces and for tokenizing the whole prompt)."""
     return render(self.tokenizer, self.memory_template, question=question,
-                  memory=memory or EMPTY_MEMORY, chunk=chunk)
+                  memory=memory or self.empty_memory, chunk=chunk)
 
   def answer_turn_text(self, question: str, memory: str) -> str:
     """The text that `answer_turn` spells."""
-    return render(self.tokenizer, ANSWER_TEMPLATE, question=question,
-                  memory=memory or EMPTY_MEMORY)
+    return render(self.tokenizer, self.answer_template, question=question,
+                  memory=memory or self.empty_memory)
 
   def response_stop_sequences(self, include_end_tag: bool = False) -> tuple[tuple[int, ...], ...]:
     """Token sequences that end a response, for `SamplingSettings.stop_sequences`.
@@ -159,3 +236,76 @@ class PromptBuilder:
     if include_end_tag and self.gated:
       stops += (self._end_tag_ids,)
     return stops
+
+
+# --- prompt files ---------------------------------------------------------------------------
+
+PROMPT_FILE_SECTIONS = {"memory": MEMORY_FIELDS, "memagent_memory": MEMORY_FIELDS,
+                        "answer": ANSWER_FIELDS, "empty_memory": ()}
+_HEADER = re.compile(r"^== *([A-Za-z_]+) *==[ \t]*$")
+_FIELD = re.compile(r"\{(question|memory|chunk)\}")
+
+
+def read_prompt_file(path: str) -> PromptSet:
+  r"""A PromptSet from a text file of four sections, each opened by a line `== name ==`:
+
+    # lines before the first section are comments
+    == memory ==            the gated memory turn: {question}, {memory}, {chunk} once each, in
+                            this order, and the four response tags described: <think>...</think>
+                            <check>...</check> <update>...</update> <next>...</next>
+    == memagent_memory ==   the MemAgent memory turn: {question}, {memory}, {chunk}
+    == answer ==            the answer turn: {question}, {memory}; it asks for oxed{}
+    == empty_memory ==      one line: what the memory reads before anything is stored
+
+  A section's text is its lines up to the next header, without the trailing newlines. Only the
+  exact fields are replaced; every other brace is literal text. Follow the piece-boundary rule
+  of the module doc (a newline before each field, " 
+" after it) for exact token splices.
+  Raises ValueError naming the file, the section and the problem.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"agent.prompt_file={path!r} does not exist")
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  where = f"agent.prompt_file={path!r}"
+  sections: dict[str, list[str]] = {}
+  current = None
+  for number, line in enumerate(lines, start=1):
+    header = _HEADER.match(line)
+    if header:
+      current = header.group(1)
+      if current not in PROMPT_FILE_SECTIONS:
+        raise ValueError(f"{where} line {number}: unknown section {current!r}; the sections are "
+                         f"{list(PROMPT_FILE_SECTIONS)}")
+      if current in sections:
+        raise ValueError(f"{where} line {number}: section {current!r} appears twice; give each "
+                         "section exactly once")
+      sections[current] = []
+    elif current is not None:
+      sections[current].append(line)
+  texts = {}
+  for name, fields in PROMPT_FILE_SECTIONS.items():
+    if name not in sections:
+      raise ValueError(f"{where}: section {name!r} is missing (a line '== {name} ==' and its "
+                       "text); each of the four sections must appear exactly once")
+    text = "\n".join(sections[name]).strip("\n")
+    found = _FIELD.findall(text)
+    if tuple(found) != fields:
+      raise ValueError(f"{where}: section {name!r} holds the fields {found}; it must hold "
+                       f"{['{' + f + '}' for f in fields]} exactly once each, in this order")
+    texts[name] = text
+  missing = [t for part in ("think", "check", "update", "next") for t in (f"<{part}>", f"</{part}>")
+             if t not in texts["memory"]]
+  if missing:
+    raise ValueError(f"{where}: section 'memory' does not describe the response tags {missing}: "
+                     "describe all four, <think> <check> <update> <next>, with their close tags")
+  if "\\boxed{}" not in texts["answer"]:
+    raise ValueError(f"{where}: section 'answer' must ask for the answer inside \\boxed{{}}")
+  if not texts["empty_memory"].strip() or "\n" in texts["empty_memory"]:
+    raise ValueError(f"{where}: section 'empty_memory' must be one non-empty line")
+
+  def as_format(text: str) -> str:  # literal braces escaped, the fields kept
+    return re.sub(r"\{\{(question|memory|chunk)\}\}", r"{\1}",
+                  text.replace("{", "{{").replace("}", "}}"))
+  return PromptSet(f"file:{path}", as_format(texts["memory"]), as_format(texts["memagent_memory"]),
+                   as_format(texts["answer"]), texts["empty_memory"])

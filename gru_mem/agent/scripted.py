@@ -40,7 +40,7 @@ from gru_mem import gates
 from gru_mem.agent import parse
 from gru_mem.agent.prompts import EMPTY_MEMORY, PromptBuilder
 from gru_mem.agent.rollout import AgentExample
-from gru_mem.data import sources, vocabulary
+from gru_mem.data import sources, tasks, vocabulary
 from gru_mem.data.tokenizer import IM_END, Tokenizer
 
 THINK_STYLES = ("state", "empty")
@@ -199,16 +199,18 @@ class ScriptedRows:
   [s * examples_per_step, (s + 1) * examples_per_step) of the `data` stream with seed `seed`."""
 
   def __init__(self, data_config, tokenizer: Tokenizer, chunk_tokens: int, script: ScriptSettings,
-               examples_per_step: int, seed: int):
+               examples_per_step: int, seed: int, prompt_set=None):
     if examples_per_step < 1:
       raise ValueError(f"sft.examples_per_step={examples_per_step}: must be >= 1")
     sources.check_data_config(data_config)
     self.data_config, self.tokenizer, self.chunk_tokens = data_config, tokenizer, chunk_tokens
     self.script, self.examples_per_step, self.seed = script, examples_per_step, seed
-    self.builders = {mode: PromptBuilder(tokenizer, mode) for mode in ("gru_mem", "memagent")}
+    self.source = sources.register_config_tasks(data_config, tokenizer, seed)
+    self.builders = {mode: PromptBuilder(tokenizer, mode, prompt_set)
+                     for mode in ("gru_mem", "memagent")}
 
   def trajectory(self, index: int) -> list[ScriptedTurn]:
-    example = sources.example_at(self.data_config, self.tokenizer, index, self.seed)
+    example = tasks.example_at(self.source, index, self.seed)
     agent_example = AgentExample.from_example(example, self.tokenizer, self.chunk_tokens)
     rng = random.Random(f"sft/{self.seed}/{index}")
     mode = "memagent" if rng.random() < self.script.memagent_fraction else "gru_mem"

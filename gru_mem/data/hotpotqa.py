@@ -120,6 +120,32 @@ def _pool_entries(records: Sequence[dict]) -> list[tuple[str, str]]:
   return list(seen.items())
 
 
+def pool_of(path: str) -> list[tuple[str, str]]:
+  """The distractor pool of the records in `path` (cached with the file)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"hotpotqa_path={path!r} does not exist: give a HotpotQA JSON file")
+  return _pool_cached(path, os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _pool_cached(path: str, modified: float) -> list[tuple[str, str]]:
+  return _pool_entries(_load_cached(path, modified))
+
+
+def by_question(path: str) -> dict[str, dict]:
+  """{stripped question: record} of the records in `path` (the first record of each question)."""
+  load_hotpotqa(path)  # checks and validates the file
+  return _by_question_cached(path, os.path.getmtime(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _by_question_cached(path: str, modified: float) -> dict[str, dict]:
+  found: dict[str, dict] = {}
+  for record in _load_cached(path, modified):
+    found.setdefault(record["question"].strip(), record)
+  return found
+
+
 def hotpotqa_example(records: Sequence[dict], index: int, num_docs: Optional[int] = None,
                      target_tokens: Optional[int] = None, tokenizer=None, seed: int = 0,
                      pool: Optional[list[tuple[str, str]]] = None) -> Example:

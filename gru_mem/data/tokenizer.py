@@ -44,6 +44,9 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
+BUILTIN_NAME = "gru_mem-builtin"
+
+
 class Tokenizer:
   """encode / decode / special ids / optional chat template over an HF tokenizer."""
 
@@ -67,6 +70,12 @@ class Tokenizer:
   def vocab_size(self) -> int:
     """Number of ids in use (base vocabulary plus added tokens)."""
     return len(self.hf)
+
+  @property
+  def is_builtin(self) -> bool:
+    """The built-in tokenizer, also as saved in a run folder or an exported model (its ChatML
+    template is the marker that survives saving)."""
+    return self.name == BUILTIN_NAME or getattr(self.hf, "chat_template", None) == CHATML_TEMPLATE
 
   @property
   def has_chat_template(self) -> bool:
@@ -179,6 +188,6 @@ def builtin_tokenizer(extra_words: tuple[str, ...] = ()) -> Tokenizer:
       additional_special_tokens=[IM_START, IM_END], clean_up_tokenization_spaces=False,
       model_max_length=1_000_000_000)
   hf.chat_template = CHATML_TEMPLATE
-  hf.name_or_path = "gru_mem-builtin"
-  tokenizer = Tokenizer(hf, name="gru_mem-builtin")
+  hf.name_or_path = BUILTIN_NAME
+  tokenizer = Tokenizer(hf, name=BUILTIN_NAME)
   return tokenizer

@@ -35,6 +35,7 @@ class GroupArrays:
   exit_decision: np.ndarray  # [B, G, T] int (gates.*)
   chunk_has_evidence: np.ndarray  # [B, G, T] bool
   last_evidence_chunk: np.ndarray  # [B, G] int
+  evidence_known: np.ndarray  # [B, G] bool: the example has evidence (else no gate rewards)
   memory_length: np.ndarray  # [B, G, T] int
 
 
@@ -65,13 +66,14 @@ def group_arrays(trajectories: Sequence[Trajectory], examples: Sequence, group_s
       update_decision=np.full((B, G, T), gates.INVALID, np.int32),
       exit_decision=np.full((B, G, T), gates.INVALID, np.int32),
       chunk_has_evidence=np.zeros((B, G, T), bool), last_evidence_chunk=np.zeros((B, G), np.int32),
-      memory_length=np.zeros((B, G, T), np.int32))
+      evidence_known=np.zeros((B, G), bool), memory_length=np.zeros((B, G, T), np.int32))
   for i, trajectory in enumerate(trajectories):
     b, g = divmod(i, G)
     out.correct[b, g] = is_correct(trajectory.answer, examples[b].answers,
                                    examples[b].answer_mode, answer_match)
     out.answer_format_ok[b, g] = trajectory.answer_turn is not None and trajectory.answer_turn.format_ok
     out.last_evidence_chunk[b, g] = trajectory.last_evidence_chunk
+    out.evidence_known[b, g] = trajectory.last_evidence_chunk >= 0
     for t, turn in enumerate(trajectory.turns):
       out.alive[b, g, t] = True
       out.memory_format_ok[b, g, t] = turn.format_ok
@@ -94,7 +96,7 @@ def compute_rewards_and_advantages(arrays: GroupArrays, rl, mode: str) -> dict[s
       exit_early_penalty=rl.exit_early_penalty, exit_late_penalty=rl.exit_late_penalty,
       outcome_reward_weight=rl.outcome_reward_weight, format_reward_weight=rl.format_reward_weight,
       exit_reward_weight=rl.exit_reward_weight, update_correct_reward=rl.update_correct_reward,
-      update_wrong_reward=rl.update_wrong_reward)
+      update_wrong_reward=rl.update_wrong_reward, evidence_known=arrays.evidence_known)
   memory_advantage, answer_advantage = advantages.group_advantages(
       out["r_traj"], out["r_upd"], arrays.alive, alpha=rl.alpha if gated else 1.0,
       normalize_advantage_std=rl.normalize_advantage_std, advantage_std_eps=rl.advantage_std_eps)
@@ -128,13 +130,16 @@ def _row(turn, advantage: float) -> LearnerRow:
 
 
 def rollout_metrics(arrays: GroupArrays, signal: dict[str, np.ndarray]) -> dict[str, float]:
-  """Per-step numbers a researcher plots: rewards by part, gate accuracies, exits, memory."""
+  """Per-step numbers a researcher plots: rewards by part, gate accuracies, exits, memory. Gate
+  accuracies and exits count only examples with evidence (`data/examples_with_evidence` of the
+  batch's examples have it)."""
+  known = arrays.evidence_known
   alive = arrays.alive
-  evidence = alive & arrays.chunk_has_evidence
-  non_evidence = alive & ~arrays.chunk_has_evidence
+  evidence = alive & arrays.chunk_has_evidence & known[..., None]
+  non_evidence = alive & ~arrays.chunk_has_evidence & known[..., None]
   said_yes = arrays.update_decision == gates.UPDATE_YES
   said_no = arrays.update_decision == gates.UPDATE_NO
-  timing = signal["exit_timing"]
+  timing = signal["exit_timing"][known]
   chunks_read = alive.sum(-1)
   return {
       "reward/outcome": float(signal["r_out"].mean()),
@@ -144,9 +149,10 @@ def rollout_metrics(arrays: GroupArrays, signal: dict[str, np.ndarray]) -> dict[
       "reward/update": float(signal["r_upd"].sum() / max(alive.sum(), 1)),
       "gate/update_acc_evidence": _fraction(said_yes & evidence, evidence),
       "gate/update_acc_non_evidence": _fraction(said_no & non_evidence, non_evidence),
-      "gate/exit_early": float((timing < 0).mean()),
-      "gate/exit_exact": float((timing == 0).mean()),
-      "gate/exit_late": float((timing > 0).mean()),
+      "gate/exit_early": float((timing < 0).mean()) if timing.size else float("nan"),
+      "gate/exit_exact": float((timing == 0).mean()) if timing.size else float("nan"),
+      "gate/exit_late": float((timing > 0).mean()) if timing.size else float("nan"),
+      "data/examples_with_evidence": float(known[:, 0].sum()) if known.size else 0.0,
       "agent/chunks_read": float(chunks_read.mean()),
       "agent/memory_tokens": float(arrays.memory_length[alive].mean()) if alive.any() else 0.0,
       "agent/format_ok": float(arrays.memory_format_ok[alive].mean()) if alive.any() else 0.0,

@@ -88,14 +88,16 @@ def group_rewards(correct, memory_format_ok, answer_format_ok, alive, update_dec
                   chunk_has_evidence, last_evidence_chunk, *, use_exit_reward=True,
                   use_update_reward=True, exit_early_penalty=-0.75, exit_late_penalty=-0.5,
                   outcome_reward_weight=1.0, format_reward_weight=1.0, exit_reward_weight=1.0,
-                  update_correct_reward=1.0, update_wrong_reward=-1.0):
+                  update_correct_reward=1.0, update_wrong_reward=-1.0, evidence_known=None):
   """Every reward of a batch of rollouts, as a dict of arrays (see the module docstring for inputs).
 
   Returns r_out, r_fmt, r_exit, r_traj [..., G] and r_upd [..., G, T], plus exit_chunk and
   exit_timing [..., G] for metrics. Modes: `gru_mem` uses both gate rewards; `gru_mem_no_exit`
   sets use_exit_reward=False (every rollout reads to the end); `memagent` sets both False
   (r_exit = 0, r_upd = 0; pair it with alpha = 1 in the advantages). `update_decision` and
-  `chunk_has_evidence` are then ignored and may be None.
+  `chunk_has_evidence` are then ignored and may be None. `evidence_known` [..., G] bool (None:
+  all known): where False (an example whose evidence could not be recovered) r_exit and r_upd
+  are 0, so the example trains on outcome and format only.
   """
   alive = jnp.asarray(alive, jnp.bool_)
   if alive.ndim < 2:
@@ -128,6 +130,10 @@ def group_rewards(correct, memory_format_ok, answer_format_ok, alive, update_dec
                           update_wrong_reward=update_wrong_reward)
   else:
     r_upd = jnp.zeros(alive.shape, jnp.float32)
+  if evidence_known is not None:
+    known = jnp.asarray(evidence_known, jnp.bool_)
+    r_exit = jnp.where(known, r_exit, 0.0)
+    r_upd = jnp.where(known[..., None], r_upd, 0.0)
   r_traj = trajectory_reward(r_out, r_fmt, r_exit, outcome_reward_weight=outcome_reward_weight,
                              format_reward_weight=format_reward_weight,
                              exit_reward_weight=exit_reward_weight)
