@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gru_mem import sampling
+from gru_mem import parallel, sampling
 from gru_mem.buckets import smallest_bucket
 from gru_mem.model.config import ModelConfig
+from gru_mem.model import transformer
 from gru_mem.model.transformer import forward, init_cache
 from gru_mem.sampling import RUNNING, LENGTH, STOP_REASONS, TRACE_COUNTS, DecodeSpec
 
@@ -63,7 +64,10 @@ def _constrain(state: dict, row_sharding: Optional[NamedSharding]) -> dict:
     spec[slot_axis] = axes
     return jax.lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh,
                                                              PartitionSpec(*spec)))
-  cache = {name: pin(value, 1 if name in ("k", "v") else 0)
+  def pin_kv(x):  # [layers, slots, columns, kv_heads, head_dim]: kv heads over tensor too
+    return jax.lax.with_sharding_constraint(x, parallel.logical_sharding(
+        transformer.CACHE_AXES, x.shape, row_sharding.mesh))
+  cache = {name: pin_kv(value) if name in ("k", "v") else pin(value)
            for name, value in state["cache"].items()}
   return {**{name: pin(value) for name, value in state.items() if name != "cache"},
           "cache": cache}
@@ -168,6 +172,7 @@ _empty_slots_jit = jax.jit(_empty_slots, static_argnames=(
 _insert_jit = jax.jit(_insert, static_argnames=("row_sharding",), donate_argnums=(0,))
 _decode_slots_jit = jax.jit(_decode_slots, static_argnames=("config", "spec", "row_sharding"),
                             donate_argnums=(1,))
+empty_slots_jit, decode_slots_jit = _empty_slots_jit, _decode_slots_jit  # for the dry run
 
 
 def _row_sharding(batch_sharding) -> Optional[NamedSharding]:
