@@ -7,8 +7,13 @@ r"""Dry run: the config's model on the config's mesh, compiled ahead of time; no
 
 Parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s that carry their shardings
 (`parallel.param_shardings`, `optimizer_state_shardings`, the batch split over data/fsdp); the
-train step and the sampler's prefill are lowered and compiled for them, and the compiled
-executables' `memory_analysis()` gives the temporaries (activations, gradients) per device.
+train step is lowered and compiled for them, and the compiled executables' `memory_analysis()`
+gives the temporaries (activations, gradients) per device. The sampler (`dry_run_sampler`) is
+compiled as a rollout runs it, prefill and decode loop, with the rollout copy's layout
+(`sampling.param_dtype`, `sampling.mesh`) and, beside it, with the learner's float32 params on
+the learner's mesh: weight and KV cache bytes, the collectives of the decode loop per token step
+(from the compiled HLO), weight all-gathers, the sampler's peak with the train state, and a
+roofline of decode tokens/s on `train.dry_run_chip` (h100, tpu_v5p).
 
 Devices. The mesh is built from fake CPU devices, as many as the config's mesh has: a size of -1
 counts as 1 unless `--devices N` says how many devices the whole mesh has (e.g. `h100x8` is
@@ -24,8 +29,10 @@ CPU backend fuses and buffers differently (it may keep bfloat16 intermediates in
 
 Shapes lowered (compile time on CPU hardly depends on them, so the defaults are the real ones):
 learner micro-batch = optim.micro_batch_rows rows of the bucket of chunk + memory + question
-allowance + response tokens; sampler batch = the rollout batch (prompts x group) capped at the
-sampler's largest batch bucket, prompts of the bucket of chunk + memory + question allowance.
+allowance + response tokens; sampler rows = the rollout batch (prompts x group) capped at
+sampling.slots (continuous batching: the decode slots, and the first prefill group that fills
+them) or, with slots=0, at sampling.max_batch_rows; prompts of the bucket of chunk + memory +
+question allowance.
 """
 
 from __future__ import annotations
