@@ -169,6 +169,9 @@ def test_paper_configs(module):
     assert c.model.scan_layers and c.model.remat_policy == "full"
     assert (c.model.param_dtype, c.model.dtype) == ("float32", "bfloat16")
     assert c.optim.micro_batch_rows % (c.mesh.fsdp * max(c.mesh.data, 1)) == 0
+    assert c.sampling.param_dtype == "bfloat16" and c.sampling.mesh.fsdp == 1
+    assert c.sampling.mesh.tensor == (4 if module is qwen2p5_7b_hotpotqa else 2)
+    assert c.train.dry_run_chip == ("h100" if arg == "h100x8" else "tpu_v5p")
     assert not settings.unknown_keys(c)  # only keys configs/base.py defines
   with pytest.raises(ValueError, match="unknown target"):
     module.get_config("v4-8")
@@ -193,3 +196,58 @@ def test_bfloat16_weights_would_not_move_at_the_papers_learning_rate():
   weights = jnp.array([0.02, -0.05, 0.01], jnp.bfloat16)
   assert bool(jnp.all(weights + jnp.bfloat16(1e-6) == weights))
   assert not bool(jnp.all(weights.astype(jnp.float32) + 1e-6 == weights.astype(jnp.float32)))
+
+
+def rollout_weight_bytes(c, tensor: int, itemsize: int = 2) -> int:
+  """Hand count of the rollout copy per device: heads, kv heads (when tensor divides them),
+  mlp and vocab dims split over tensor, everything else replicated (no fsdp)."""
+  kv_split = tensor if c.num_kv_heads % tensor == 0 else 1
+  q, kv, h = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size
+  per_layer = (h * q + q + q * h) // tensor + 2 * (h * kv + kv) // kv_split \
+      + 3 * h * c.intermediate_size // tensor + 2 * h
+  embeddings = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) // tensor
+  return itemsize * (c.num_layers * per_layer + embeddings + h)
+
+
+def test_decode_loop_with_the_paper_rollout_layout_small_shapes(tmp_path):
+  """The 7B config's two layouts (learner: float32, fsdp=8; rollout: bfloat16, data=2 x
+  tensor=4) with the tiny model's shape: the compiled decode loop of the rollout layout gathers
+  no weight, the learner layout's does, and the figures match hand counts."""
+  out = tmp_path / "small.json"
+  stdout = run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
+                       "--config.model.preset=tiny", "--config.sampling.slots=16",
+                       "--sampler_prompt=128", "--sampler_new_tokens=16", "--nolearner",
+                       "--out", str(out)])
+  report = json.loads(out.read_text())
+  rollout, learner_layout = report["rollout"], report["learner_layout"]
+  c = model_config.preset("tiny")
+  assert rollout["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+  assert learner_layout["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert rollout["rows"] == learner_layout["rows"] == 16
+  assert report["rollout_weight_bytes_per_device"] == rollout_weight_bytes(c, 4)
+  assert printed(stdout, "rollout_weight_bytes_per_device") == rollout_weight_bytes(c, 4)
+  # KV cache: 16 rows over data=2; 2 kv heads do not split 4 ways; bfloat16 matmul dtype.
+  columns = 128 + 16
+  assert rollout["kv_cache_bytes"] == 2 * c.num_layers * 8 * columns * 2 * c.head_dim * 2
+  assert learner_layout["kv_cache_bytes"] == 2 * c.num_layers * 2 * columns * 2 * c.head_dim * 2
+  # From the compiled text: no weight is gathered for the rollout layout; the learner layout
+  # gathers its float32 weights (whole, onto every device) for the loop.
+  assert rollout["weight_gathers"]["count"] == 0
+  assert rollout["weight_gathers"]["in_loop"] == 0
+  assert learner_layout["weight_gathers"]["count"] > 0
+  assert learner_layout["loop_weight_bytes"] >= 4 * c.num_params() * 0.99
+  assert rollout["loop_weight_bytes"] <= rollout["weight_bytes"]
+  assert rollout["collectives_per_token_step"]["all-reduce"]["count"] > 0  # tensor parallel
+  assert report["rollout_vs_learner_layout_decode_tokens_per_s"] > 1
+  assert "roofline on NVIDIA H100 SXM" in stdout and "weight all-gathers: 0" in stdout
+
+
+def test_sampling_mesh_that_does_not_fit_fails_before_compiling():
+  for flag, message in (("--config.sampling.mesh.tensor=8", "does not divide the model's 28"),
+                        ("--config.sampling.mesh.data=3", "does not fit the 8 devices")):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-m", "gru_mem.dry_run", "--config",
+                             "configs/qwen2p5_7b_hotpotqa.py:h100x8", flag], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "lower + compile" not in result.stdout  # nothing was compiled
