@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gru_mem import continuous, hlo_text, parallel, sampling
+from gru_mem.buckets import smallest_bucket
 from gru_mem.model import transformer
 from gru_mem.model.config import ModelConfig
 
@@ -207,13 +208,14 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
 
 def sampler_rows(rollouts: int, slots: int, max_batch_rows: int, batch_buckets, shards: int
                  ) -> int:
-  """Rows of the decode loop (and of the first prefill group): continuous batching fills
-  min(rollouts, slots) slots, static batches take min(rollouts, max_batch_rows); both a batch
-  bucket rounded up to a multiple of `shards`."""
-  from gru_mem.buckets import smallest_bucket  # pylint: disable=import-outside-toplevel
-  cap = slots if slots else max_batch_rows
-  buckets = tuple(b for b in batch_buckets if b < cap) + (cap,)
-  rows = smallest_bucket(min(rollouts, cap), buckets, beyond_largest="size")
+  """Rows of the decode loop (and of the first prefill group), as the samplers pick them:
+  continuous batching fills the bucket of min(rollouts, slots) slots (buckets: those of
+  `settings.sampling_settings` below slots, then slots), static batches take the bucket of
+  min(rollouts, max_batch_rows); rounded up to a multiple of `shards`."""
+  buckets = tuple(b for b in batch_buckets if b < max_batch_rows) + (max_batch_rows,)
+  if slots:
+    buckets = tuple(b for b in buckets if b < slots) + (slots,)
+  rows = smallest_bucket(min(rollouts, buckets[-1]), buckets)
   return -(-rows // shards) * shards
 
 

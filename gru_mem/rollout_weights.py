@@ -131,9 +131,10 @@ def _cast(old_copy, new_params, *, dtype):
 @functools.lru_cache(maxsize=None)
 def refresh_jit(layout: RolloutLayout):
   """jit(old copy, learner params) -> new copy: cast to the rollout dtype, out_shardings = the
-  rollout shardings, the old copy donated (its buffers are reused for the new one)."""
+  rollout shardings, the old copy donated (its buffers are reused for the new one; keep_unused,
+  or jit would drop the unread argument and its donation with it)."""
   return jax.jit(functools.partial(_cast, dtype=layout.config.jnp_param_dtype),
-                 donate_argnums=0, out_shardings=layout.shardings())
+                 donate_argnums=0, keep_unused=True, out_shardings=layout.shardings())
 
 
 @functools.lru_cache(maxsize=None)

@@ -51,8 +51,9 @@ assert not other.layout.same_as_learner and other.layout.mesh.shape['tensor'] ==
 kernel = other.params['layers_0']['mlp']['up_proj']['kernel']
 assert kernel.sharding.spec == other.layout.shardings()['layers_0']['mlp']['up_proj']['kernel'].spec
 result = {'tensor_split': 'tensor' in str(kernel.sharding.spec),
-          'copy_equal': all(bool(jnp.array_equal(a, b)) for a, b in
-                            zip(jax.tree.leaves(other.params), jax.tree.leaves(state.params)))}
+          'copy_equal': all(np.array_equal(a, b) for a, b in zip(
+              jax.tree.leaves(jax.device_get(other.params)),
+              jax.tree.leaves(jax.device_get(state.params))))}
 for slots in (0, 4):  # the static sampler and continuous batching (the rollout's default)
   want, got = sample(same, greedy, slots), sample(other, greedy, slots)
   result[f'tokens_equal_{slots}'] = bool(np.array_equal(want.tokens, got.tokens))
