@@ -26,7 +26,7 @@ import common  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("mesh", "param_dtype", "rows", "cache_columns", "weight_bytes", "kv_cache_bytes",
-        "decode_carry_bytes", "loop_weight_bytes", "collectives_per_token_step",
+        "decode_carry_bytes", "bytes_per_token_step", "loop_weight_bytes", "collectives_per_token_step",
         "collectives_outside_loop", "weight_gathers", "sampler_peak_bytes", "roofline",
         "decode_compile_s")
 

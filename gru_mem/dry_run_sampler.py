@@ -7,14 +7,16 @@ the given parameters (ShapeDtypeStructs with shardings) on the given mesh, and r
 
   weight_bytes         the sampler's parameters per device;
   kv_cache_bytes       the decode KV cache per device (kv heads over tensor when they divide);
-  decode_carry_bytes   what the compiled decode loop carries per device: the bytes one token step
-                       can read (weights as the loop sees them, gathered or not, and the cache);
+  decode_carry_bytes   what the compiled decode loop carries per device (weights as the loop
+                       sees them, gathered or not, and the cache);
+  bytes_per_token_step the carry plus the weights the loop gathers anew at every step: what one
+                       token step reads;
   loop_weight_bytes    the part of that carry derived from the weights alone;
   collectives_per_token_step / collectives_outside_loop: {kind: {count, bytes}} from the HLO;
   weight_gathers       all-gathers of a weight (gru_mem.hlo_text), in or out of the loop;
   sampler_peak_bytes   train state + the rollout copy + the decode (or prefill) program's
                        arguments, outputs and temporaries;
-  roofline             decode tokens/s on `chip`: rows / max(carry bytes / HBM bandwidth,
+  roofline             decode tokens/s on `chip`: rows / max(bytes per token step / HBM bandwidth,
                        FLOPs per device / peak), FLOPs per token step = 2 x matmul params x rows
                        + 4 x layers x rows x cache columns x heads x head_dim (QK and PV), split
                        evenly over the devices. A memory-bound bound: real decode is slower.
@@ -176,6 +178,7 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
       "kv_cache_bytes": bytes_per_device({k: state["cache"][k] for k in ("k", "v")}),
       "decode_state_bytes": state_bytes,
       "decode_carry_bytes": loop["carry_bytes"],
+      "bytes_per_token_step": loop["carry_bytes"] + loop["in_loop_weight_gather_bytes"],
       "loop_weight_bytes": loop["carried_weight_bytes"],
       "collectives_per_token_step": loop["in_loop"],
       "collectives_outside_loop": loop["outside"],
@@ -202,7 +205,7 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
   flops = flops_per_token_step(config, rows, prompt + new_tokens) / mesh.size
   report["flops_per_token_step_per_device"] = flops
   if chip:
-    report["roofline"] = roofline(loop["carry_bytes"], flops, rows, chip)
+    report["roofline"] = roofline(report["bytes_per_token_step"], flops, rows, chip)
   return report
 
 
@@ -235,8 +238,11 @@ def format_layout(name: str, report: dict, gib: float = 2 ** 30) -> list:
            f"  {'kv_cache_bytes':<32} {report['kv_cache_bytes']:>15}  "
            f"{report['kv_cache_bytes'] / gib:8.2f} GiB",
            f"  {'decode_carry_bytes':<32} {report['decode_carry_bytes']:>15}  "
-           f"{report['decode_carry_bytes'] / gib:8.2f} GiB  read per token step "
-           f"({report['loop_weight_bytes'] / gib:.2f} GiB of weights)"]
+           f"{report['decode_carry_bytes'] / gib:8.2f} GiB  carried by the decode loop "
+           f"({report['loop_weight_bytes'] / gib:.2f} GiB of weights)",
+           f"  {'bytes_per_token_step':<32} {report['bytes_per_token_step']:>15}  "
+           f"{report['bytes_per_token_step'] / gib:8.2f} GiB  read per token step (carry + "
+           "weights gathered in the loop)"]
   if "sampler_peak_bytes" in report:
     lines.append(f"  {'sampler_peak_bytes':<32} {report['sampler_peak_bytes']:>15}  "
                  f"{report['sampler_peak_bytes'] / gib:8.2f} GiB  with the train state")

@@ -10,7 +10,8 @@ iteration) and returns, per device (SPMD-partitioned shapes are per-device shape
   in_loop             collectives per iteration: {kind: {"count", "bytes"}} (bytes = result size);
   outside             collectives of the program outside the loop, once per call;
   weight_gathers      all-gathers whose operand is derived from the weights alone, in or out of
-                      the loop: (name, result bytes, where).
+                      the loop: (name, result bytes, where);
+  in_loop_weight_gather_bytes  their results per iteration (weights gathered anew every step).
 
 "Derived from the weights alone": a parameter among the first n, or an op all of whose non-scalar
 operands are (scalars are indices and loop counters: a dynamic-slice of a weight at a layer index
@@ -255,4 +256,6 @@ def decode_loop_report(text: str, weight_params: int) -> dict:
       "outside": _summary([c for c in walker.found if not c.in_loop]),
       "weight_gathers": [{"name": c.name, "bytes": c.bytes, "in_loop": c.in_loop}
                          for c in walker.found if c.kind == "all-gather" and c.of_weights],
+      "in_loop_weight_gather_bytes": sum(c.bytes * c.times for c in walker.found if c.in_loop
+                                         and c.kind == "all-gather" and c.of_weights),
   }
