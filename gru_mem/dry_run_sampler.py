@@ -9,8 +9,10 @@ the given parameters (ShapeDtypeStructs with shardings) on the given mesh, and r
   kv_cache_bytes       the decode KV cache per device (kv heads over tensor when they divide);
   decode_carry_bytes   what the compiled decode loop carries per device (weights as the loop
                        sees them, gathered or not, and the cache);
-  bytes_per_token_step the carry plus the weights the loop gathers anew at every step: what one
-                       token step reads;
+  bytes_per_token_step what one token step reads: the carry, its weights counted at the
+                       parameter dtype (XLA's CPU backend converts bfloat16 weights to float32
+                       before the loop, as its dots run in float32; an accelerator reads them as
+                       stored), plus the weights the loop gathers anew at every step;
   loop_weight_bytes    the part of that carry derived from the weights alone;
   collectives_per_token_step / collectives_outside_loop: {kind: {count, bytes}} from the HLO;
   weight_gathers       all-gathers of a weight (gru_mem.hlo_text), in or out of the loop;
@@ -178,7 +180,9 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
       "kv_cache_bytes": bytes_per_device({k: state["cache"][k] for k in ("k", "v")}),
       "decode_state_bytes": state_bytes,
       "decode_carry_bytes": loop["carry_bytes"],
-      "bytes_per_token_step": loop["carry_bytes"] + loop["in_loop_weight_gather_bytes"],
+      "bytes_per_token_step": (loop["carry_bytes"] - loop["carried_weight_bytes"]
+                               + loop["carried_weight_elements"] * jnp.dtype(config.jnp_param_dtype).itemsize
+                               + loop["in_loop_weight_gather_bytes"]),
       "loop_weight_bytes": loop["carried_weight_bytes"],
       "collectives_per_token_step": loop["in_loop"],
       "collectives_outside_loop": loop["outside"],
@@ -241,8 +245,8 @@ def format_layout(name: str, report: dict, gib: float = 2 ** 30) -> list:
            f"{report['decode_carry_bytes'] / gib:8.2f} GiB  carried by the decode loop "
            f"({report['loop_weight_bytes'] / gib:.2f} GiB of weights)",
            f"  {'bytes_per_token_step':<32} {report['bytes_per_token_step']:>15}  "
-           f"{report['bytes_per_token_step'] / gib:8.2f} GiB  read per token step (carry + "
-           "weights gathered in the loop)"]
+           f"{report['bytes_per_token_step'] / gib:8.2f} GiB  read per token step (carry, weights "
+           "as stored, + weights gathered in the loop)"]
   if "sampler_peak_bytes" in report:
     lines.append(f"  {'sampler_peak_bytes':<32} {report['sampler_peak_bytes']:>15}  "
                  f"{report['sampler_peak_bytes'] / gib:8.2f} GiB  with the train state")

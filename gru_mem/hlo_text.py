@@ -6,7 +6,8 @@ iteration) and returns, per device (SPMD-partitioned shapes are per-device shape
 
   carry_bytes         the bytes the loop carries: what one iteration can read (weights as the
                       loop sees them, e.g. gathered, and the KV cache);
-  carried_weight_bytes the part of it derived from the weights alone (the first n parameters);
+  carried_weight_bytes the part of it derived from the weights alone (the first n parameters),
+                      and carried_weight_elements its element count;
   in_loop             collectives per iteration: {kind: {"count", "bytes"}} (bytes = result size);
   outside             collectives of the program outside the loop, once per call;
   weight_gathers      all-gathers whose operand is derived from the weights alone, in or out of
@@ -51,6 +52,11 @@ def shape_bytes(shape: str) -> int:
   """Bytes of every array in a shape text (a tuple sums its elements)."""
   return sum(_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
              for dtype, dims in _ARRAY.findall(shape))
+
+
+def shape_elements(shape: str) -> int:
+  """Elements of every array in a shape text."""
+  return sum(math.prod(int(d) for d in dims.split(",") if d) for _, dims in _ARRAY.findall(shape))
 
 
 def tuple_elements(shape: str) -> list:
@@ -252,6 +258,8 @@ def decode_loop_report(text: str, weight_params: int) -> dict:
       "carry_bytes": shape_bytes(loop.shape),
       "carried_weight_bytes": sum(shape_bytes(element) for element, flag
                                   in zip(carry, derived[loop.name]) if flag),
+      "carried_weight_elements": sum(shape_elements(element) for element, flag
+                                     in zip(carry, derived[loop.name]) if flag),
       "in_loop": _summary([c for c in walker.found if c.in_loop]),
       "outside": _summary([c for c in walker.found if not c.in_loop]),
       "weight_gathers": [{"name": c.name, "bytes": c.bytes, "in_loop": c.in_loop}
