@@ -262,3 +262,20 @@ def test_sampling_mesh_that_does_not_fit_fails_before_compiling():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
     assert "lower + compile" not in result.stdout  # nothing was compiled
+
+
+def test_7b_h100x8_rollout_decode_loop_gathers_no_weight(tmp_path):
+  """The paper config's rollout layout at 7B shapes (128 slots x 9728 cache columns): the compiled
+  decode loop holds no all-gather of a weight, and a device holds a quarter of the bfloat16
+  weights (plus the replicated norms and biases)."""
+  out = tmp_path / "7b.json"
+  run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
+              "--nolearner", "--nolearner_layout", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rollout = report["rollout"]
+  c = model_config.preset("qwen2.5-7b")
+  assert rollout["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4} and rollout["rows"] == 128
+  assert rollout["weight_gathers"] == {"count": 0, "in_loop": 0, "bytes": 0}
+  assert rollout["weight_bytes"] == rollout_weight_bytes(c, 4)
+  assert rollout["weight_bytes"] <= 1.1 * 2 * c.num_params() / 4
+  assert rollout["sampler_peak_bytes"] < 80e9  # fits an H100 with the train state
