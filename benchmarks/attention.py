@@ -7,7 +7,7 @@ L tokens: loss = mean(final hidden^2), differentiated w.r.t. all parameters, jit
                gradients): the peak memory the step needs beyond its arguments and outputs;
   tokens_per_s L / median step time (only run where temp_bytes <= --max_run_gib, as this
                machine is small and shared; larger steps are compiled for their memory only).
-               At each L the implementations' timed runs alternate, so load changes hit both.
+               At each L the implementations' timed runs alternate (the protocol of common.py).
 Also the growth of temp_bytes per doubling of L, and chunked's time / xla's time per length.
 
   python benchmarks/attention.py                       # -> benchmarks/results/attention.json
@@ -21,7 +21,6 @@ import functools
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/ is not a package)
@@ -59,7 +58,7 @@ def compile_step(implementation: str, length: int):
   return compiled, params, tokens, int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-def measure_length(implementations, length: int, max_run_gib: float, iterations: int) -> list:
+def measure_length(implementations, length: int, max_run_gib: float, repeats: int) -> list:
   """Rows for each implementation at `length`. Timed runs alternate between implementations
   (after one warm-up each), so a change in the machine's load hits all of them alike."""
   rows, runnable = [], []
@@ -75,12 +74,10 @@ def measure_length(implementations, length: int, max_run_gib: float, iterations:
                             tokens)
     run()  # warm-up
     runnable.append((row, run))
-  for _ in range(iterations):
-    for row, run in runnable:
-      start = time.perf_counter()
-      run()
-      row["times_s"].append(round(time.perf_counter() - start, 4))
+  times = common.alternate({row["implementation"]: run for row, run in runnable},
+                           repeats=repeats, warmup=0)
   for row, _ in runnable:
+    row["times_s"] = [round(t, 4) for t in times[row["implementation"]]]
     row["step_s"] = round(statistics.median(row["times_s"]), 4)
     row["tokens_per_s"] = round(length / row["step_s"], 1)
   return rows
@@ -94,14 +91,16 @@ def main():
                       help="chunked's block size (attention.DEFAULT_BLOCK)")
   parser.add_argument("--max_run_gib", type=float, default=5.0,
                       help="run (time) a step only if its temporaries fit in this many GiB")
-  parser.add_argument("--iterations", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=common.MIN_REPEATS,
+                      help="alternated timed runs per implementation and length")
   args = parser.parse_args()
+  protocol = common.Protocol()
   attention.DEFAULT_BLOCK = args.block  # the model calls attention with the default block
   lengths = [int(x) for x in args.lengths.split(",")]
   rows = []
   for length in lengths:
     for row in measure_length(args.implementations.split(","), length, args.max_run_gib,
-                              args.iterations):
+                              args.repeats):
       print(row, flush=True)
       rows.append(row)
   by = {(r["implementation"], r["length"]): r for r in rows}
@@ -123,8 +122,7 @@ def main():
                "vocab 1024, float32",
       "step": "jit(value_and_grad(mean(final hidden^2))) over one row of `length` tokens",
       "block": args.block, "auto_chunked_min_length": attention.CHUNKED_MIN_LENGTH,
-      "note": "CPU figures on a small machine shared with other jobs (see load average)",
-      "rows": rows, "summary": summary})
+      "rows": rows, "summary": summary}, protocol)
   print("saved", path)
 
 

@@ -57,7 +57,7 @@ def measure(tokenizer_name: str, target_tokens: int, slice_chars: int) -> dict:
   tokenizer = load(tokenizer_name)
   text, evidence = build_document(tokenizer, target_tokens)
   rss_before = common.rss_bytes()
-  peak_before = common.peakcommon.rss_bytes()
+  peak_before = common.peak_rss_bytes()
   start = time.perf_counter()
   doc = chunking.chunk_document(text, tokenizer, CHUNK_TOKENS, evidence, slice_chars=slice_chars)
   seconds = time.perf_counter() - start
@@ -67,7 +67,7 @@ def measure(tokenizer_name: str, target_tokens: int, slice_chars: int) -> dict:
       "evidence_chunks": len(doc.evidence_chunks),
       "text_chars": len(text), "text_bytes": sys.getsizeof(text), "ids_bytes": doc.token_ids.nbytes,
       "rss_before_chunking_bytes": rss_before, "peak_rss_before_chunking_bytes": peak_before,
-      "peak_rss_bytes": common.peakcommon.rss_bytes(), "chunking_s": seconds,
+      "peak_rss_bytes": common.peak_rss_bytes(), "chunking_s": seconds,
       "tokens_per_s": doc.num_tokens / seconds,
   }
 

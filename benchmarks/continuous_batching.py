@@ -12,8 +12,12 @@ are compared with the static run's. The same random Qwen2 (transformers-initiali
 With --tunix_python (a venv holding google-tunix 0.1.7, see benchmarks/tunix_sampler.py) the
 long-tailed workload also runs through tunix's static sampler in batches of 32.
 
-  python benchmarks/continuous_batching.py [--refill 1,2,4,8,16] [--iterations 2]
+  python benchmarks/continuous_batching.py [--refill 4,16] [--repeats 5]
       [--tunix_python /path/to/venv/bin/python]
+
+Ours: timed by the protocol of benchmarks/common.py (static and continuous alternated in one
+process, every repeat kept, median of per-repeat ratios). tunix runs in its own venv, so its
+process comes after ours (min of --iterations runs), not alternated.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,16 +52,6 @@ def workload(seed: int = 0):
   limits = np.clip(np.round(MEDIAN_TOKENS * rng.lognormal(0.0, SIGMA, ROWS)), 1, MAX_NEW)
   prompts = [rng.randint(1, MODEL["vocab_size"], n).tolist() for n in rng.randint(96, 129, ROWS)]
   return prompts, limits.astype(np.int32)
-
-
-def timed(run, iterations: int) -> tuple[float, object]:
-  run()  # compiles every program this workload needs
-  times, out = [], None
-  for _ in range(iterations):
-    start = time.perf_counter()
-    out = run()
-    times.append(time.perf_counter() - start)
-  return min(times), out
 
 
 def padded_steps(limits, batch: int) -> int:
@@ -99,11 +92,15 @@ def run_tunix(python: str, folder: str, prompts, limits, reference, iterations: 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--refill", default="1,2,4,8,16", help="refill_free_slots values to time")
-  parser.add_argument("--iterations", type=int, default=2, help="timed runs each (min taken)")
+  parser.add_argument("--refill", default="4,16", help="refill_free_slots values to time")
+  parser.add_argument("--repeats", type=int, default=common.MIN_REPEATS,
+                      help="alternated timed runs of each side")
+  parser.add_argument("--iterations", type=int, default=2,
+                      help="timed runs of tunix (its own process; min taken)")
   parser.add_argument("--tunix_python", default="", help="python of a venv with google-tunix")
   args = parser.parse_args()
   refills = [int(r) for r in args.refill.split(",")]
+  protocol = common.Protocol()
 
   folder = tempfile.mkdtemp()
   save_hf_model(folder)
@@ -120,27 +117,39 @@ def main():
                         "max": int(limits.max()), "sigma": SIGMA, "tokens": int(limits.sum()),
                         "static_row_steps": padded_steps(limits, SLOTS)}}
   for name, row_limits in (("long_tailed", limits), ("uniform", np.full(ROWS, MAX_NEW, np.int32))):
-    if name == "uniform":
-      refills = [max(1, SLOTS // 4)]
-    seconds, reference = timed(lambda: sampling.generate(config, params, prompts, 0, static,
-                                                         row_limits), args.iterations)
-    references[name] = reference
-    rows = {"static_batches_of_32": {"seconds": seconds, "rows_per_s": ROWS / seconds}}
-    print(f"{name}: static {ROWS / seconds:7.2f} rows/s ({seconds:.1f} s)", flush=True)
-    for refill in refills:
+    sides, outputs = {}, {}
+
+    def side(key, run):
+      def call():
+        outputs[key] = run()
+      sides[key] = call
+
+    side("static_batches_of_32",
+         lambda r=row_limits: sampling.generate(config, params, prompts, 0, static, r))
+    for refill in (refills if name == "long_tailed" else [max(1, SLOTS // 4)]):
       settings = dataclasses.replace(  # groups of free slots padded to 1, 2, 4, ... 32 rows
           static, slots=SLOTS, refill_free_slots=refill,
           batch_buckets=sampling.SamplingSettings.batch_buckets)
-      seconds, out = timed(lambda s=settings: continuous.generate(config, params, prompts, 0, s,
-                                                                  row_limits), args.iterations)
-      row = {"seconds": seconds, "rows_per_s": ROWS / seconds,
-             "speedup_over_static": rows["static_batches_of_32"]["seconds"] / seconds,
+      side(f"continuous_32_slots_refill_{refill}",
+           lambda s=settings, r=row_limits: continuous.generate(config, params, prompts, 0, s, r))
+    times = common.alternate(sides, repeats=args.repeats, warmup=1)
+    reference = references[name] = outputs["static_batches_of_32"]
+    static_s = common.spread(times["static_batches_of_32"])["median"]
+    rows = {"static_batches_of_32": {"times_s": times["static_batches_of_32"],
+                                     "seconds": static_s, "rows_per_s": ROWS / static_s}}
+    print(f"{name}: static {ROWS / static_s:7.2f} rows/s ({static_s:.1f} s)", flush=True)
+    for key in list(sides)[1:]:
+      out = outputs[key]
+      seconds = common.spread(times[key])["median"]
+      ratio = common.speed_ratio(times[key], times["static_batches_of_32"])
+      row = {"times_s": times[key], "seconds": seconds, "rows_per_s": ROWS / seconds,
+             "speedup_over_static": ratio,
              "tokens_equal_static": bool(np.array_equal(out.tokens, reference.tokens)),
              "max_abs_logprob_diff": float(np.abs(out.logprobs - reference.logprobs).max())}
-      rows[f"continuous_32_slots_refill_{refill}"] = row
-      print(f"{name}: continuous refill {refill:2d}: {row['rows_per_s']:7.2f} rows/s "
-            f"({seconds:.1f} s), x{row['speedup_over_static']:.2f} over static, tokens equal "
-            f"{row['tokens_equal_static']}", flush=True)
+      rows[key] = row
+      print(f"{name}: {key}: {row['rows_per_s']:7.2f} rows/s ({seconds:.1f} s), "
+            f"x{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f}) over static, "
+            f"tokens equal {row['tokens_equal_static']}", flush=True)
     figures[name] = rows
   if args.tunix_python:
     tunix = run_tunix(args.tunix_python, folder, prompts, limits, references["long_tailed"],
@@ -150,7 +159,7 @@ def main():
     print(f"long_tailed: tunix {tunix['rows_per_s']:7.2f} rows/s ({tunix['seconds']:.1f} s); "
           f"greedy rows equal ours {100 * tunix['greedy_rows_equal_ours_fraction']:.0f}%")
   shutil.rmtree(folder)
-  path = common.save_results("continuous_batching", figures)
+  path = common.save_results("continuous_batching", figures, protocol)
   print(f"saved {path}")
 
 

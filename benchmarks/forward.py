@@ -11,6 +11,9 @@ where N_matmul counts the weights used in matmuls (the LM head, not the embeddin
 attention term counts the full (not causally halved) score and value products, as both compute.
 
   python benchmarks/forward.py                  # tiny and 0.5B-shaped -> results/forward.json
+
+Timed by the protocol of benchmarks/common.py (sides alternated in one process, every repeat
+kept, median ratio and spread, load average before and after).
   python benchmarks/forward.py --layers_05b=24  # the full 0.5B depth (slow on a small CPU)
 """
 
@@ -93,7 +96,8 @@ def torch_steps(model, tokens: np.ndarray):
 
 
 def bench_shape(name: str, config: ModelConfig, batch: int, length: int, warmup: int,
-                iterations: int, peak: float, note: str = "") -> dict:
+                repeats: int, peak: float, note: str = "") -> dict:
+  """Prefill and train step of both sides on one shape, alternated `repeats` times."""
   rng = np.random.RandomState(0)
   tokens = rng.randint(0, config.vocab_size, (batch, length)).astype(np.int32)
   with tempfile.TemporaryDirectory() as folder:
@@ -117,20 +121,21 @@ def bench_shape(name: str, config: ModelConfig, batch: int, length: int, warmup:
             "flop_per_step": flops, "ours_compile_s": {"prefill": prefill_compile_s,
                                                        "train": train_compile_s}}
   for kind, index in (("prefill", 0), ("train", 1)):
-    ours_time = common.time_call(ours[index], warmup, iterations)
-    torch_time = common.time_call(theirs[index], warmup, iterations)
-    tokens_per_s = {"ours": batch * length / ours_time["median_s"],
-                    "transformers": batch * length / torch_time["median_s"]}
+    times = common.alternate({"ours": ours[index], "transformers": theirs[index]},
+                             repeats=repeats, warmup=warmup)
+    ratio = common.speed_ratio(times["ours"], times["transformers"])
+    median_s = {side: common.spread(seconds)["median"] for side, seconds in times.items()}
     result[kind] = {
-        "ours": ours_time, "transformers": torch_time, "tokens_per_s": tokens_per_s,
-        "speed_ratio_ours_over_transformers": tokens_per_s["ours"] / tokens_per_s["transformers"],
-        "ours_mfu": flops[kind] / ours_time["median_s"] / peak,
-        "transformers_mfu": flops[kind] / torch_time["median_s"] / peak,
+        "times_s": times,
+        "tokens_per_s": {side: batch * length / s for side, s in median_s.items()},
+        "speed_ratio_ours_over_transformers": ratio,
+        "ours_mfu": flops[kind] / median_s["ours"] / peak,
+        "transformers_mfu": flops[kind] / median_s["transformers"] / peak,
     }
-    print(f"{name:>10} {kind:>7}: ours {tokens_per_s['ours']:9.1f} tok/s, transformers "
-          f"{tokens_per_s['transformers']:9.1f} tok/s, ratio "
-          f"{result[kind]['speed_ratio_ours_over_transformers']:.2f}, our MFU "
-          f"{result[kind]['ours_mfu']:.1%}", flush=True)
+    print(f"{name:>10} {kind:>7}: ours {result[kind]['tokens_per_s']['ours']:9.1f} tok/s, "
+          f"transformers {result[kind]['tokens_per_s']['transformers']:9.1f} tok/s, ratio "
+          f"{ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f} over {repeats}), "
+          f"our MFU {result[kind]['ours_mfu']:.1%}", flush=True)
   return result
 
 
@@ -141,17 +146,19 @@ def main(argv=None):
   parser.add_argument("--vocab_05b", type=int, default=32768,
                       help="its vocabulary size (Qwen2.5-0.5B has 151936)")
   parser.add_argument("--warmup", type=int, default=1)
-  parser.add_argument("--iterations", type=int, default=3, help="timed steps of the 0.5B shape")
-  parser.add_argument("--iterations_tiny", type=int, default=10, help="timed steps of 'tiny'")
+  parser.add_argument("--repeats", type=int, default=common.MIN_REPEATS,
+                      help="alternated timed steps per side of the 0.5B shape")
+  parser.add_argument("--repeats_tiny", type=int, default=10, help="the same for 'tiny'")
   parser.add_argument("--skip_05b", action="store_true", help="only the tiny shape")
   parser.add_argument("--name", default="forward", help="results/<name>.json")
   args = parser.parse_args(argv)
 
   started = time.perf_counter()
+  protocol = common.Protocol()
   peak = common.matmul_peak_flops()
   print(f"float32 matmul peak: {peak['flop_per_s'] / 1e9:.1f} GFLOP/s "
         f"(torch threads {torch.get_num_threads()})", flush=True)
-  shapes = {"tiny": bench_shape("tiny", preset("tiny"), 4, 256, args.warmup, args.iterations_tiny,
+  shapes = {"tiny": bench_shape("tiny", preset("tiny"), 4, 256, args.warmup, args.repeats_tiny,
                                 peak["flop_per_s"])}
   if not args.skip_05b:
     full = preset("qwen2.5-0.5b")
@@ -160,10 +167,14 @@ def main(argv=None):
             f" with num_layers {full.num_layers}->{config.num_layers}, vocab_size "
             f"{full.vocab_size}->{config.vocab_size} to fit the time budget"))
     shapes["qwen2.5-0.5b-shaped"] = bench_shape("0.5b", config, 1, 512, args.warmup,
-                                                 args.iterations, peak["flop_per_s"], note)
-  figures = {"matmul_peak": peak, "torch_num_threads": torch.get_num_threads(), "shapes": shapes,
+                                                 args.repeats, peak["flop_per_s"], note)
+  matmul = common.matmul_ratio()
+  print("dense float32 matmul, XLA / torch: " + ", ".join(
+      f"{n}: {m['xla_over_torch']['median']:.2f}" for n, m in matmul.items()), flush=True)
+  figures = {"matmul_peak": peak, "matmul_xla_over_torch": matmul,
+             "torch_num_threads": torch.get_num_threads(), "shapes": shapes,
              "total_runtime_s": time.perf_counter() - started}
-  print("saved", common.save_results(args.name, figures))
+  print("saved", common.save_results(args.name, figures, protocol))
 
 
 if __name__ == "__main__":

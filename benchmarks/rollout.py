@@ -179,23 +179,27 @@ def early_exit_savings(real_policy, tokenizer, num_examples: int, num_chunks: in
   examples = needle_examples(tokenizer, num_examples, num_chunks, evidence_within=0.2)
   figures = {"num_examples": num_examples, "num_chunks": num_chunks,
              "last_evidence_chunks": [int(e.chunks.last_evidence_chunk) for e in examples]}
-  for mode in ("gru_mem", "gru_mem_no_exit", "memagent"):
+  modes = ("gru_mem", "gru_mem_no_exit", "memagent")
+  runs, calls = {mode: [] for mode in modes}, {}
+  for mode in modes:
     policy = CostedScriptedPolicy(real_policy, tokenizer, examples, mode)
     builder = PromptBuilder(tokenizer, mode)
-    rollout(policy, builder, tokenizer, examples, jax.random.PRNGKey(0), settings_for(mode))
-    runs = [rollout(policy, builder, tokenizer, examples, jax.random.PRNGKey(r),
-                    settings_for(mode)) for r in range(repeats)]
-    chunks_read = [t.chunks_read for t in runs[0].trajectories]
+    calls[mode] = lambda m=mode, p=policy, b=builder: runs[m].append(rollout(
+        p, b, tokenizer, examples, jax.random.PRNGKey(len(runs[m])), settings_for(m)))
+  common.alternate(calls, repeats=repeats, warmup=1)  # the modes take turns (the protocol)
+  for mode in modes:
+    runs[mode] = runs[mode][1:]  # the warm-up run compiled
+    chunks_read = [t.chunks_read for t in runs[mode][0].trajectories]
     if mode == "gru_mem":
       assert chunks_read == [lec + 1 for lec in figures["last_evidence_chunks"]], chunks_read
-      assert all(t.answer == e.answers[0] for t, e in zip(runs[0].trajectories, examples))
+      assert all(t.answer == e.answers[0] for t, e in zip(runs[mode][0].trajectories, examples))
     else:  # memagent and gru_mem_no_exit read every chunk
       assert chunks_read == [num_chunks] * num_examples
     figures[mode] = {"chunks_read": chunks_read, "chunks_read_total": sum(chunks_read),
-                     "steps": len(runs[0].rows_generated_per_step),
-                     "rows_generated_per_step": runs[0].rows_generated_per_step,
-                     "wall_s": statistics.median(r.total_seconds for r in runs),
-                     "wall_s_runs": [r.total_seconds for r in runs]}
+                     "steps": len(runs[mode][0].rows_generated_per_step),
+                     "rows_generated_per_step": runs[mode][0].rows_generated_per_step,
+                     "wall_s": statistics.median(r.total_seconds for r in runs[mode]),
+                     "wall_s_runs": [r.total_seconds for r in runs[mode]]}
     print(f"(b) {mode:15s}: {sum(chunks_read):4d} chunks read in "
           f"{figures[mode]['steps']} steps, {figures[mode]['wall_s']:.2f} s", flush=True)
   for baseline in ("memagent", "gru_mem_no_exit"):
@@ -219,14 +223,14 @@ def main():
   parser.add_argument("--exit-chunks", type=int, default=64)
   args = parser.parse_args()
   lengths = [int(n) for n in args.lengths.split(",")]
-  load_at_start = list(os.getloadavg())
+  protocol = common.Protocol()
   tokenizer = builtin_tokenizer()
   config, params = tiny_model(tokenizer)
   policy = sampler_policy(config, params, sampling.SamplingSettings(
       temperature=0.0, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
       length_buckets=LENGTH_BUCKETS))
   linear = per_chunk_times(policy, tokenizer, lengths, args.rows, args.repeats)
-  peak_rss_after_linear = common.peakcommon.rss_bytes()
+  peak_rss_after_linear = common.peak_rss_bytes()
   by_length = {row["num_chunks"]: row for row in linear}
   ratios = {statistic: by_length[max(lengths)][statistic] / by_length[min(lengths)][statistic]
             for statistic in ("seconds_per_chunk", "seconds_per_chunk_min", "median_step_s")}
@@ -241,11 +245,10 @@ def main():
       "tokenizer": tokenizer.name, "chunk_tokens": CHUNK_TOKENS, "memory_tokens": MEMORY_TOKENS,
       "max_response_tokens": MAX_RESPONSE_TOKENS, "max_answer_tokens": MAX_ANSWER_TOKENS,
       "sampling": "greedy", "length_buckets": LENGTH_BUCKETS,
-      "load_average_at_start": load_at_start,
       "per_chunk_time": {"mode": "memagent", "results": linear,
                          f"ratios_{max(lengths)}_to_{min(lengths)}_chunks": ratios},
       "peak_rss_bytes_after_per_chunk_time": peak_rss_after_linear,
-      "early_exit": exits})
+      "early_exit": exits}, protocol)
   print(f"saved {path}")
 
 

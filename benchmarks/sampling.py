@@ -10,7 +10,10 @@ close decode comes to each limit: bytes one step must read (weights, KV cache) /
 bandwidth (the limit at batch 1), and FLOP per step / step time / matmul rate (the limit at large
 batch).
 
-  python benchmarks/sampling.py [--batches 1,16,64] [--iterations 3] [--transformers_iterations 1]
+  python benchmarks/sampling.py [--batches 1,16,64] [--repeats 5]
+
+Timed by the protocol of benchmarks/common.py: within each repeat the four runs (ours and
+transformers, 1 and 128 new tokens) alternate; the speed ratio is the median of per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ def decode_step_flop(config, batch: int, cache_slots: int) -> int:
   return batch * (2 * matmul_weights + attention)
 
 
-def time_ours(config, params, prompts, iterations: int) -> dict:
+def our_runner(config, params, prompts):
+  """A callable generating `n` greedy tokens per row with our sampler (compiled on first use)."""
   settings = sampling.SamplingSettings(max_new_tokens=NEW_TOKENS, temperature=0.0)
   batch = len(prompts)
   last = {}
@@ -95,13 +99,11 @@ def time_ours(config, params, prompts, iterations: int) -> dict:
     assert (last["tokens"][:, limit:] == settings.pad_id).all()
 
   run(1)  # compiles prefill and decode: the per-row limit does not change the program
-  times = {n: common.time_call(lambda n=n: run(n), warmup=0, iterations=iterations)["min_s"]
-           for n in (1, NEW_TOKENS)}
-  return {"prefill_s": times[1], "total_s": times[NEW_TOKENS],
-          "decode_s": times[NEW_TOKENS] - times[1], "tokens": last["tokens"]}
+  return run, last
 
 
-def time_transformers(model, prompts, iterations: int) -> dict:
+def transformers_runner(model, prompts):
+  """A callable generating `n` greedy tokens per row with transformers' `generate`."""
   ids = torch.tensor(np.asarray(prompts), dtype=torch.long)
   last = {}
 
@@ -113,19 +115,29 @@ def time_transformers(model, prompts, iterations: int) -> dict:
     last["tokens"] = out[:, PROMPT_TOKENS:].numpy()
 
   run(2)  # warm-up
-  times = {n: common.time_call(lambda n=n: run(n), warmup=0, iterations=iterations)["min_s"]
-           for n in (1, NEW_TOKENS)}
-  return {"prefill_s": times[1], "total_s": times[NEW_TOKENS],
-          "decode_s": times[NEW_TOKENS] - times[1], "tokens": last["tokens"]}
+  return run, last
+
+
+def time_decode(runners: dict, repeats: int) -> dict:
+  """Per repeat and side: decode seconds = time(NEW_TOKENS tokens) - time(1 token), all four
+  runs alternated within each repeat."""
+  sides = {}
+  for name, run in runners.items():
+    sides[f"{name}/1"] = lambda run=run: run(1)
+    sides[f"{name}/{NEW_TOKENS}"] = lambda run=run: run(NEW_TOKENS)
+  times = common.alternate(sides, repeats=repeats, warmup=0)
+  return {"times_s": times, "decode_s": {
+      name: [full - one for full, one in zip(times[f"{name}/{NEW_TOKENS}"], times[f"{name}/1"])]
+      for name in runners}}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", default="1,16,64")
-  parser.add_argument("--iterations", type=int, default=3, help="timed runs of ours (min taken)")
-  parser.add_argument("--transformers_iterations", type=int, default=1,
-                      help="timed runs of transformers (slow: each is seconds to minutes)")
+  parser.add_argument("--repeats", type=int, default=common.MIN_REPEATS,
+                      help="alternated timed runs per side and length")
   args = parser.parse_args()
+  protocol = common.Protocol()
   batches = [int(b) for b in args.batches.split(",")]
 
   torch.manual_seed(0)
@@ -141,23 +153,27 @@ def main():
   for batch in batches:
     prompts = np.random.RandomState(batch).randint(1, HF_CONFIG["vocab_size"],
                                                    (batch, PROMPT_TOKENS)).tolist()
-    ours = time_ours(config, params, prompts, args.iterations)
-    theirs = time_transformers(model, prompts, args.transformers_iterations)
+    ours, ours_last = our_runner(config, params, prompts)
+    theirs, theirs_last = transformers_runner(model, prompts)
+    timed = time_decode({"ours": ours, "transformers": theirs}, args.repeats)
+    decode_s = {name: common.spread(seconds)["median"] for name, seconds in timed["decode_s"].items()}
     decode_tokens = batch * (NEW_TOKENS - 1)
+    ratio = common.speed_ratio(timed["decode_s"]["ours"], timed["decode_s"]["transformers"])
     row = {
-        "batch": batch,
-        "ours_decode_tokens_per_s": decode_tokens / ours["decode_s"],
-        "transformers_decode_tokens_per_s": decode_tokens / theirs["decode_s"],
-        "ours_ms_per_step": 1e3 * ours["decode_s"] / (NEW_TOKENS - 1),
-        "transformers_ms_per_step": 1e3 * theirs["decode_s"] / (NEW_TOKENS - 1),
-        "ours_prefill_s": ours["prefill_s"], "transformers_prefill_s": theirs["prefill_s"],
-        "greedy_tokens_equal_fraction": float(np.mean(ours["tokens"] == theirs["tokens"])),
+        "batch": batch, "times_s": timed["times_s"], "decode_s": timed["decode_s"],
+        "ours_decode_tokens_per_s": decode_tokens / decode_s["ours"],
+        "transformers_decode_tokens_per_s": decode_tokens / decode_s["transformers"],
+        "ours_ms_per_step": 1e3 * decode_s["ours"] / (NEW_TOKENS - 1),
+        "transformers_ms_per_step": 1e3 * decode_s["transformers"] / (NEW_TOKENS - 1),
+        "speed_ratio_ours_over_transformers": ratio,
+        "greedy_tokens_equal_fraction": float(np.mean(ours_last["tokens"] ==
+                                                      theirs_last["tokens"])),
     }
-    row["speedup"] = row["ours_decode_tokens_per_s"] / row["transformers_decode_tokens_per_s"]
+    row["speedup"] = ratio["median"]
     cache_slots = smallest_bucket(PROMPT_TOKENS, DEFAULT_LENGTH_BUCKETS) + NEW_TOKENS
     step_bytes = decode_step_bytes(config, params, batch, cache_slots)
     row["bytes_read_per_step"] = step_bytes
-    step_s = ours["decode_s"] / (NEW_TOKENS - 1)
+    step_s = decode_s["ours"] / (NEW_TOKENS - 1)
     row["bandwidth_fraction"] = step_bytes["total"] / step_s / bandwidth["bytes_per_s"]
     row["flop_per_step"] = decode_step_flop(config, batch, cache_slots)
     row["matmul_peak_fraction"] = row["flop_per_step"] / step_s / matmul_peak["flop_per_s"]
@@ -165,7 +181,8 @@ def main():
     print(f"batch {batch:3d}: ours {row['ours_decode_tokens_per_s']:8.1f} tok/s "
           f"({row['ours_ms_per_step']:.1f} ms/step), transformers "
           f"{row['transformers_decode_tokens_per_s']:8.1f} tok/s "
-          f"({row['transformers_ms_per_step']:.1f} ms/step), x{row['speedup']:.2f}; "
+          f"({row['transformers_ms_per_step']:.1f} ms/step), x{ratio['median']:.2f} "
+          f"({ratio['min']:.2f}-{ratio['max']:.2f}); "
           f"{100 * row['bandwidth_fraction']:.0f}% of memory bandwidth, "
           f"{100 * row['matmul_peak_fraction']:.0f}% of matmul peak; "
           f"greedy tokens equal {100 * row['greedy_tokens_equal_fraction']:.0f}%", flush=True)
@@ -173,7 +190,7 @@ def main():
       "model": HF_CONFIG, "num_params": config.num_params(), "dtype": "float32",
       "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "torch_threads":
       torch.get_num_threads(), "memory_bandwidth": bandwidth, "matmul_peak": matmul_peak,
-      "results": rows})
+      "results": rows}, protocol)
   print(f"saved {path}")
 
 

@@ -1,6 +1,6 @@
 """Learner throughput and MFU, and where an RL step's time goes (rollout vs learner vs host).
 
-  python benchmarks/train_step.py [--rl_steps 4]
+  python benchmarks/train_step.py [--rl_steps 4] [--repeats 5]
 
 (a) The jitted learner step (forward + backward + AdamW over packed turn rows) on random rows of
     realistic shape, for the tiny preset and a 0.5B-shaped model (the full Qwen2.5-0.5B layer
@@ -46,7 +46,17 @@ def train_step_flops(config, prompt_tokens: int, response_tokens: int) -> float:
   return 3 * forward
 
 
-def bench_learner(name, config, rows, prompt_len, response_len, iterations):
+def matmul_side(size: int = 2048):
+  """(callable, FLOP per call) of a dense float32 [size, size] matmul through XLA."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  return (lambda: matmul(a, b).block_until_ready()), 2 * size**3
+
+
+def bench_learner(name, config, rows, prompt_len, response_len, repeats):
+  """The learner step alternated with the matmul peak: MFU per repeat = step FLOP/s / peak."""
   rng = np.random.default_rng(0)
   settings = learner.LearnerSettings(learning_rate=1e-5, kl_beta=0.0, micro_batch_rows=rows,
                                      compute_entropy=False)
@@ -65,16 +75,18 @@ def bench_learner(name, config, rows, prompt_len, response_len, iterations):
     holder["state"], metrics = step(holder["state"], batch)
     jax.block_until_ready(metrics)
 
-  timing = common.time_call(run, warmup=1, iterations=iterations)
-  seconds = timing["median_s"]
+  matmul, matmul_flop = matmul_side()
+  times = common.alternate({"learner": run, "matmul": matmul}, repeats=repeats, warmup=1)
+  seconds = common.spread(times["learner"])["median"]
   padded_len = batch.tokens.shape[-1]
   flops = train_step_flops(config, rows * prompt_len, rows * response_len)
-  return {
+  mfu = [flops / t / (matmul_flop / m) for t, m in zip(times["learner"], times["matmul"])]
+  return {"mfu": common.spread(mfu), "times_s": times,
       "model": name, "rows": rows, "prompt_tokens": prompt_len, "response_tokens": response_len,
       "padded_length": int(padded_len), "step_s": seconds,
       "response_tokens_per_s": rows * response_len / seconds,
       "all_tokens_per_s": rows * (prompt_len + response_len) / seconds,
-      "flops_per_step": flops, "achieved_flops_per_s": flops / seconds, "timing": timing,
+      "flops_per_step": flops, "achieved_flops_per_s": flops / seconds,
   }
 
 
@@ -97,12 +109,13 @@ def bench_rl_split(steps: int) -> dict:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--iterations", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=common.MIN_REPEATS)
   parser.add_argument("--rl_steps", type=int, default=4)
   parser.add_argument("--layers_05b", type=int, default=4)
   parser.add_argument("--vocab_05b", type=int, default=32768)
   args = parser.parse_args()
 
+  protocol = common.Protocol()
   peak = common.matmul_peak_flops()
   results = {"matmul_peak": peak, "learner": []}
   shapes = [("tiny", preset("tiny"), 16, 192, 64),
@@ -110,15 +123,16 @@ def main():
              preset("qwen2.5-0.5b", num_layers=args.layers_05b, vocab_size=args.vocab_05b),
              2, 384, 128)]
   for name, config, rows, prompt_len, response_len in shapes:
-    figures = bench_learner(name, config, rows, prompt_len, response_len, args.iterations)
-    figures["mfu"] = figures["achieved_flops_per_s"] / peak["flop_per_s"]
+    figures = bench_learner(name, config, rows, prompt_len, response_len, args.repeats)
     results["learner"].append(figures)
+    mfu = figures["mfu"]
     print(f"{name}: {figures['response_tokens_per_s']:.0f} response tok/s, "
-          f"{figures['all_tokens_per_s']:.0f} tok/s, MFU {figures['mfu']:.1%}")
+          f"{figures['all_tokens_per_s']:.0f} tok/s, MFU {mfu['median']:.1%} "
+          f"({mfu['min']:.1%}-{mfu['max']:.1%} over {mfu['n']} alternated repeats)", flush=True)
   results["rl_step_split"] = bench_rl_split(args.rl_steps)
   share = results["rl_step_split"]["share"]
   print("RL step (smoke config): " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
-  print("saved", common.save_results("train_step", results))
+  print("saved", common.save_results("train_step", results, protocol))
 
 
 if __name__ == "__main__":

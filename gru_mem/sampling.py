@@ -27,6 +27,7 @@ import numpy as np
 
 from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, smallest_bucket
 from gru_mem.model.config import ModelConfig
+from gru_mem.model.logprobs import picked_log_prob
 from gru_mem.model.transformer import Transformer, forward, init_cache, positions_from_mask
 
 # Row states inside the loop; the last three are also the public stop reasons.
@@ -165,17 +166,14 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, spec: DecodeSpec):
   logprob = log softmax(logits)[token] (temperature 1); sampling_logprob is the same under the
   filtered distribution actually sampled from (0 when greedy: a point mass).
   """
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
   if spec.temperature == 0:
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling_logprob = jnp.zeros(token.shape, jnp.float32)
   else:
     filtered = filter_logits(logits, spec.temperature, spec.top_k, spec.top_p)
     token = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-    sampling_log_probs = jax.nn.log_softmax(filtered, axis=-1)
-    sampling_logprob = jnp.take_along_axis(sampling_log_probs, token[:, None], axis=-1)[:, 0]
-  logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
-  return token, logprob, sampling_logprob
+    sampling_logprob = picked_log_prob(filtered, token)
+  return token, picked_log_prob(logits, token), sampling_logprob
 
 
 def end_reason(token, lengths, limits, recent, spec: DecodeSpec) -> jax.Array:
