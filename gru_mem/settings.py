@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from gru_mem import defaults, parallel, rollout_weights, runtime, sampling
+from gru_mem import defaults, parallel, rollout_weights, sampling
 from gru_mem.agent import modes
 from gru_mem.agent.rollout import RolloutSettings
 from gru_mem.agent.scripted import ScriptSettings
@@ -181,7 +181,10 @@ def validate(config) -> None:
   check_model_source(config)
   check_tokenizer_source(config)
   learner_mesh = parallel.mesh_from_config(config.mesh)  # the mesh must match the devices
-  rollout_layout(config, runtime.model_config_from(config), learner_mesh)  # devices and heads
+  rollout_weights.resolve_param_dtype(config.sampling.param_dtype)
+  # sampling.mesh must fit the devices; its heads are checked once the model shape is known
+  # (`rollout_layout`, in train and the dry run, still before anything is compiled).
+  rollout_weights.make_rollout_mesh(rollout_weights.mesh_sizes(config.sampling.mesh), learner_mesh)
   sources.check_data_config(config.data)
 
 
