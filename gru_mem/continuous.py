@@ -41,10 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gru_mem import parallel, sampling
+from gru_mem import sampling
 from gru_mem.buckets import smallest_bucket
 from gru_mem.model.config import ModelConfig
-from gru_mem.model import transformer
 from gru_mem.model.transformer import forward, init_cache
 from gru_mem.sampling import RUNNING, LENGTH, STOP_REASONS, TRACE_COUNTS, DecodeSpec
 
@@ -65,8 +64,10 @@ def _constrain(state: dict, row_sharding: Optional[NamedSharding]) -> dict:
     return jax.lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh,
                                                              PartitionSpec(*spec)))
   def pin_kv(x):  # [layers, slots, columns, kv_heads, head_dim]: kv heads over tensor too
-    return jax.lax.with_sharding_constraint(x, parallel.logical_sharding(
-        transformer.CACHE_AXES, x.shape, row_sharding.mesh))
+    tensor = row_sharding.mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and x.shape[3] % tensor == 0 else None
+    return jax.lax.with_sharding_constraint(x, NamedSharding(
+        row_sharding.mesh, PartitionSpec(None, axes, None, heads, None)))
   cache = {name: pin_kv(value) if name in ("k", "v") else pin(value)
            for name, value in state["cache"].items()}
   return {**{name: pin(value) for name, value in state.items() if name != "cache"},

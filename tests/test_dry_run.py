@@ -83,7 +83,9 @@ def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
   kv_cache = 2 * layers * (16 // 4) * (1024 + 96) * (config.num_kv_heads // 2) * config.head_dim * 4
   assert report["kv_cache_bytes_per_device"] == kv_cache
   assert printed(stdout, "kv_cache_bytes_per_device") == kv_cache
-  assert report["sampler_prefill_output_bytes"] >= kv_cache  # the prefill returns the cache
+  # Continuous batching (slots > 0): the prefill returns its group's cache of prompt columns,
+  # copied into the slots' cache.
+  assert report["sampler_prefill_output_bytes"] >= kv_cache * 1024 // (1024 + 96)
   assert "lower + compile: train_step" in stdout
 
 
@@ -186,6 +188,7 @@ def test_placeholder_paths_fail_validation_clearly(tmp_path):
   (folder / "config.json").write_text("{}")
   c.model.hf_path = str(folder)
   c.mesh.fsdp = 1  # this process has one device
+  c.sampling.mesh.data = c.sampling.mesh.fsdp = c.sampling.mesh.tensor = 0  # (the learner's)
   with pytest.raises(FileNotFoundError, match="hotpotqa_path"):
     settings.validate(c)
 

@@ -62,8 +62,11 @@ def constrain_cache(kv: jax.Array) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not nn.get_logical_axis_rules():
     return kv
-  spec = parallel.fit_spec_to_shape(nn.logical_to_mesh_axes(CACHE_AXES), kv.shape, mesh)
-  return jax.lax.with_sharding_constraint(kv, spec)
+  spec = nn.logical_to_mesh_axes(CACHE_AXES)
+  if any(name not in mesh.shape for axes in spec if axes is not None
+         for name in ((axes,) if isinstance(axes, str) else axes)):
+    return kv  # a mesh without the rules' axes: leave the layout to the compiler
+  return jax.lax.with_sharding_constraint(kv, parallel.fit_spec_to_shape(spec, kv.shape, mesh))
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
