@@ -16,6 +16,13 @@ add data parallelism):
   tpu_v5p_64   a v5p-64 slice = 64 TensorCores = 32 chips (JAX devices), 8 hosts: fsdp=8 x
                tensor=4 (heads, kv heads, mlp and vocab over 4 chips of a host's neighbourhood).
 
+Rollout copy (`gru_mem/rollout_weights.py`): the sampler decodes with its own bfloat16 copy of
+the policy on its own mesh, tensor=4 (28 heads and 4 kv heads split 4 ways) x data over the
+rest, no fsdp: nothing is gathered inside the decode loop and a device holds a quarter of the
+bfloat16 weights. The learner's float32 fsdp=8 parameters would be gathered whole onto every
+device before decoding. pi_old is recomputed by the learner (rl.recompute_old_logprobs: on,
+since the rollout differs). `python -m gru_mem.dry_run` reports both layouts side by side.
+
 Numerics: weights are stored in float32 and matmuls run in bfloat16. bfloat16 *storage* would
 make lr 1e-6 a no-op: AdamW moves a weight by about lr per step, and bfloat16 keeps 8 significant
 bits, so 0.02 + 1e-6 rounds back to 0.02 (the spacing there is 1.2e-4). Set
@@ -25,9 +32,14 @@ bits, so 0.02 + 1e-6 rounds back to 0.02 (the spacing there is 1.2e-4). Set
 from gru_mem import defaults as base
 
 # mesh sizes and learner rows per micro-batch (a multiple of data * fsdp) for each target
+# and the rollout: its mesh, its decode slots (the sampler batch the freed memory allows: the
+# dry run's sampler peak with the train state is 59 GiB of an H100's 80 at 128 slots, 48 GiB of
+# a v5p chip's 95 at 512) and the chip of the dry run's roofline.
 TARGETS = {
-    "h100x8": dict(mesh=dict(data=-1, fsdp=8, tensor=1), micro_batch_rows=8),
-    "tpu_v5p_64": dict(mesh=dict(data=-1, fsdp=8, tensor=4), micro_batch_rows=8),
+    "h100x8": dict(mesh=dict(data=-1, fsdp=8, tensor=1), micro_batch_rows=8, chip="h100",
+                   rollout_mesh=dict(data=-1, fsdp=1, tensor=4), slots=128),
+    "tpu_v5p_64": dict(mesh=dict(data=-1, fsdp=8, tensor=4), micro_batch_rows=8, chip="tpu_v5p",
+                       rollout_mesh=dict(data=-1, fsdp=1, tensor=4), slots=512),
 }
 MODEL_PLACEHOLDER = "/path/to/Qwen2.5-7B-Instruct"  # a local HF folder; set with --config.model.hf_path
 HOTPOTQA_PLACEHOLDER = "/path/to/hotpot_train_v1.1.json"  # HotpotQA distractor-format JSON
@@ -64,10 +76,15 @@ def get_config(arg: str = "h100x8"):
 
   c.optim.learning_rate = 1e-6
   # Sampler memory per device ~ rows/device x heads x prefill chunk x (prompt + new) x 4 bytes.
-  c.sampling.max_batch_rows = 64
+  c.sampling.slots = target["slots"]  # continuous batching: decode rows, and the largest group
+  c.sampling.max_batch_rows = target["slots"]  # ... prefilled at once
   c.sampling.prefill_chunk_tokens = 512
   c.optim.micro_batch_rows = target["micro_batch_rows"]
 
   for axis, size in target["mesh"].items():
     setattr(c.mesh, axis, size)
+  c.sampling.param_dtype = "bfloat16"  # the rollout copy (an accelerator's "auto")
+  for axis, size in target["rollout_mesh"].items():
+    setattr(c.sampling.mesh, axis, size)
+  c.train.dry_run_chip = target["chip"]
   return c

@@ -63,7 +63,12 @@ def _constrain(state: dict, row_sharding: Optional[NamedSharding]) -> dict:
     spec[slot_axis] = axes
     return jax.lax.with_sharding_constraint(x, NamedSharding(row_sharding.mesh,
                                                              PartitionSpec(*spec)))
-  cache = {name: pin(value, 1 if name in ("k", "v") else 0)
+  def pin_kv(x):  # [layers, slots, columns, kv_heads, head_dim]: kv heads over tensor too
+    tensor = row_sharding.mesh.shape.get("tensor", 1)
+    heads = "tensor" if tensor > 1 and x.shape[3] % tensor == 0 else None
+    return jax.lax.with_sharding_constraint(x, NamedSharding(
+        row_sharding.mesh, PartitionSpec(None, axes, None, heads, None)))
+  cache = {name: pin_kv(value) if name in ("k", "v") else pin(value)
            for name, value in state["cache"].items()}
   return {**{name: pin(value) for name, value in state.items() if name != "cache"},
           "cache": cache}
@@ -168,6 +173,7 @@ _empty_slots_jit = jax.jit(_empty_slots, static_argnames=(
 _insert_jit = jax.jit(_insert, static_argnames=("row_sharding",), donate_argnums=(0,))
 _decode_slots_jit = jax.jit(_decode_slots, static_argnames=("config", "spec", "row_sharding"),
                             donate_argnums=(1,))
+empty_slots_jit, decode_slots_jit = _empty_slots_jit, _decode_slots_jit  # for the dry run
 
 
 def _row_sharding(batch_sharding) -> Optional[NamedSharding]:

@@ -58,6 +58,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.prefill_chunk_tokens = 2048  # prefill long prompts this many tokens at a time
   c.sampling.max_batch_rows = 256  # rows per sampler call (more are split into several calls)
   c.sampling.slots = 256  # continuous batching through this many decode slots (0: static batches)
+  c.sampling.param_dtype = "auto"  # the rollout copy's weights: auto (bfloat16 on an accelerator,
+  #   float32 on CPU) | float32 | bfloat16 (gru_mem/rollout_weights.py)
+  c.sampling.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, tensor=0))  # the rollout
+  #   copy's layout over the same devices (all 0: the learner's mesh; else a 0 counts as 1)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.group_size = 16  # G rollouts per prompt (paper: 16)
@@ -85,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   #   (0 disables)
   c.rl.kl_clamp = 10.0  # the per-token k3 KL clamped to [-c, c] (verl's low_var_kl: 10; 0 disables)
   c.rl.compute_entropy = True  # log the policy's token-mean entropy (one more pass over logits)
+  c.rl.recompute_old_logprobs = ml_collections.config_dict.placeholder(bool)  # pi_old from a
+  #   learner forward before the update (None: on when the rollout's dtype or layout differs)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6  # AdamW peak learning rate (paper: 1e-6)
@@ -154,4 +160,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.max_nonfinite_steps = 5  # stop (last good state saved) after this many steps in a row
   #   whose loss or gradients were not finite (each such update is skipped); 0: never stop
   c.train.dry_run = False  # abstract params + AOT compile on fake devices; allocates nothing
+  c.train.dry_run_chip = ""  # the chip of the dry run's decode roofline: h100 | tpu_v5p ("": none)
   return c

@@ -7,8 +7,13 @@ r"""Dry run: the config's model on the config's mesh, compiled ahead of time; no
 
 Parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s that carry their shardings
 (`parallel.param_shardings`, `optimizer_state_shardings`, the batch split over data/fsdp); the
-train step and the sampler's prefill are lowered and compiled for them, and the compiled
-executables' `memory_analysis()` gives the temporaries (activations, gradients) per device.
+train step is lowered and compiled for them, and the compiled executables' `memory_analysis()`
+gives the temporaries (activations, gradients) per device. The sampler (`dry_run_sampler`) is
+compiled as a rollout runs it, prefill and decode loop, with the rollout copy's layout
+(`sampling.param_dtype`, `sampling.mesh`) and, beside it, with the learner's float32 params on
+the learner's mesh: weight and KV cache bytes, the collectives of the decode loop per token step
+(from the compiled HLO), weight all-gathers, the sampler's peak with the train state, and a
+roofline of decode tokens/s on `train.dry_run_chip` (h100, tpu_v5p).
 
 Devices. The mesh is built from fake CPU devices, as many as the config's mesh has: a size of -1
 counts as 1 unless `--devices N` says how many devices the whole mesh has (e.g. `h100x8` is
@@ -24,8 +29,10 @@ CPU backend fuses and buffers differently (it may keep bfloat16 intermediates in
 
 Shapes lowered (compile time on CPU hardly depends on them, so the defaults are the real ones):
 learner micro-batch = optim.micro_batch_rows rows of the bucket of chunk + memory + question
-allowance + response tokens; sampler batch = the rollout batch (prompts x group) capped at the
-sampler's largest batch bucket, prompts of the bucket of chunk + memory + question allowance.
+allowance + response tokens; sampler rows = the rollout batch (prompts x group) capped at
+sampling.slots (continuous batching: the decode slots, and the first prefill group that fills
+them) or, with slots=0, at sampling.max_batch_rows; prompts of the bucket of chunk + memory +
+question allowance.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gru_mem import parallel, runtime, sampling
+from gru_mem import dry_run_sampler, parallel, runtime, sampling
 from gru_mem import settings as run_settings
 from gru_mem.buckets import smallest_bucket
 from gru_mem.model import transformer
@@ -115,29 +122,29 @@ def fake_cpu_devices(count: int) -> list:
   return devices[:count]
 
 
-def default_shapes(config, settings: learner.LearnerSettings, mesh) -> DryRunShapes:
-  """The shapes a real step of `config` runs at (see the module docstring)."""
+def default_shapes(config, settings: learner.LearnerSettings, mesh, shards: int = 0
+                   ) -> DryRunShapes:
+  """The shapes a real step of `config` runs at (see the module docstring); sampler rows a
+  multiple of `shards` (default: the mesh's data x fsdp)."""
   a = config.agent
   prompt = a.chunk_tokens + a.memory_tokens + QUESTION_ALLOWANCE_TOKENS
   response = max(a.max_response_tokens, a.max_answer_tokens)
-  shards = math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
+  shards = shards or math.prod(mesh.shape[axis] for axis in parallel.BATCH_AXES)
   sampler_settings = sampling.SamplingSettings()
-  rollouts = min(config.rl.prompts_per_step * config.rl.group_size, config.sampling.max_batch_rows)
-  batch = min(smallest_bucket(rollouts, sampler_settings.batch_buckets, beyond_largest="size"),
-              sampler_settings.batch_buckets[-1])
   return DryRunShapes(
       rows=settings.micro_batch_rows,
       length=smallest_bucket(prompt + response, settings.length_buckets, "a learner row"),
       response=smallest_bucket(response, settings.length_buckets, "a response"),
-      sampler_batch=-(-batch // shards) * shards,
+      sampler_batch=dry_run_sampler.sampler_rows(
+          config.rl.prompts_per_step * config.rl.group_size, config.sampling.slots,
+          config.sampling.max_batch_rows, sampler_settings.batch_buckets, shards),
       sampler_prompt=smallest_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
       sampler_new_tokens=a.max_response_tokens,
       sampler_prefill_chunk=config.sampling.prefill_chunk_tokens)
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+_abstract = dry_run_sampler.abstract
+bytes_per_device = dry_run_sampler.bytes_per_device
 
 
 def abstract_train_state(model_config: ModelConfig, settings: learner.LearnerSettings, mesh
@@ -167,22 +174,7 @@ def abstract_batch(shapes: DryRunShapes, mesh, with_ref: bool) -> rl_batch.Batch
       num_rows=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
 
 
-def bytes_per_device(tree) -> int:
-  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays):
-  sum over leaves of prod(shard shape) * itemsize."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
-
-
 # ----------------------------------------------------------------------------- compiles
-
-
-def _memory(compiled) -> dict:
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return {}
-  return {name: int(getattr(stats, f"{name}_size_in_bytes"))
-          for name in ("argument", "output", "alias", "temp")}
 
 
 def compile_train_step(model_config: ModelConfig, settings: learner.LearnerSettings, mesh,
@@ -197,51 +189,25 @@ def compile_train_step(model_config: ModelConfig, settings: learner.LearnerSetti
   return compiled, time.perf_counter() - start
 
 
-def abstract_kv_cache(model_config: ModelConfig, shapes: DryRunShapes, mesh) -> dict:
-  """The sampler's KV cache k and v [layers, batch, slots, kv_heads, head_dim], sharded by the
-  model's logical axes (batch over data/fsdp, kv heads over tensor when they divide)."""
-  shape = (model_config.num_layers, shapes.sampler_batch,
-           shapes.sampler_prompt + shapes.sampler_new_tokens, model_config.num_kv_heads,
-           model_config.head_dim)
-  sharding = parallel.logical_sharding(("layers", "batch", "length", "kv_heads", "head_dim"),
-                                       shape, mesh)
-  leaf = jax.ShapeDtypeStruct(shape, model_config.jnp_dtype, sharding=sharding)
-  return {"k": leaf, "v": leaf}
-
-
-def compile_sampler_prefill(model_config: ModelConfig, params, shapes: DryRunShapes, mesh):
-  """(compiled prefill of `sampling.generate`, seconds): one batch of left-padded prompts,
-  split over data/fsdp, with the learner's parameter layout."""
-  spec = sampling.DecodeSpec(
-      max_new_tokens=shapes.sampler_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
-      stop_sequences=(), eos_ids=(0,), pad_id=0, prefill_chunk_tokens=shapes.sampler_prefill_chunk)
-  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
-  replicated = NamedSharding(mesh, P())
-  batch, length = shapes.sampler_batch, shapes.sampler_prompt
-  args = (params,
-          jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows),
-          jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=rows),
-          jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-          jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows),
-          jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
-  start = time.perf_counter()
-  with parallel.activate(mesh):
-    compiled = sampling.prefill_jit.lower(*args, config=model_config, spec=spec).compile()
-  return compiled, time.perf_counter() - start
-
-
 # ----------------------------------------------------------------------------- the report
 
 
 def run(config, devices: Optional[int] = None, shapes: Optional[dict] = None,
-        sampler: bool = True, out_path: Optional[str] = None, verbose: bool = True) -> dict:
+        sampler: bool = True, out_path: Optional[str] = None, verbose: bool = True,
+        learner_step: bool = True, learner_layout: bool = True) -> dict:
   """Builds the abstract state, compiles, prints the report and returns it as a dict (also
-  written as JSON to `out_path`). `shapes` overrides fields of `default_shapes`."""
+  written as JSON to `out_path`). `shapes` overrides fields of `default_shapes`. The sampler
+  is compiled with the rollout layout (`sampling.param_dtype`, `sampling.mesh`) and, when that
+  differs and `learner_layout`, with the learner's parameters and mesh beside it."""
   model_config, model_source = dry_run_model_config(config)
   settings = run_settings.learner_settings(config)
+  dry_run_sampler.check_chip(config.train.dry_run_chip)
   count = mesh_device_count(config.mesh, devices)
   mesh = parallel.mesh_from_config(config.mesh, devices=fake_cpu_devices(count))
-  dims = dataclasses.replace(default_shapes(config, settings, mesh), **(shapes or {}))
+  layout = run_settings.rollout_layout(config, model_config, mesh)  # fails before any compile
+  shards = math.lcm(*(math.prod(m.shape[a] for a in parallel.BATCH_AXES)
+                      for m in (mesh, layout.mesh)))
+  dims = dataclasses.replace(default_shapes(config, settings, mesh, shards), **(shapes or {}))
   settings = dataclasses.replace(settings, micro_batch_rows=dims.rows)
 
   state = abstract_train_state(model_config, settings, mesh)
@@ -259,25 +225,17 @@ def run(config, devices: Optional[int] = None, shapes: Optional[dict] = None,
       "reference_bytes_per_device": params_bytes if settings.kl_beta else 0,
       "batch_bytes_per_device": bytes_per_device(batch),
   }
-  compiled, seconds = compile_train_step(model_config, settings, mesh, state, batch)
-  memory = _memory(compiled)
-  report["train_step_compile_s"] = round(seconds, 2)
-  report.update({f"train_step_{k}_bytes": v for k, v in memory.items()})
-  if memory:
-    report["learner_peak_bytes_per_device"] = (
-        memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-        + report["reference_bytes_per_device"])
+  if learner_step:
+    compiled, seconds = compile_train_step(model_config, settings, mesh, state, batch)
+    memory = dry_run_sampler.memory(compiled)
+    report["train_step_compile_s"] = round(seconds, 2)
+    report.update({f"train_step_{k}_bytes": v for k, v in memory.items()})
+    if memory:
+      report["learner_peak_bytes_per_device"] = (
+          memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+          + report["reference_bytes_per_device"])
   if sampler:
-    report["kv_cache_bytes_per_device"] = bytes_per_device(abstract_kv_cache(model_config, dims,
-                                                                             mesh))
-    compiled, seconds = compile_sampler_prefill(model_config, state.params, dims, mesh)
-    memory = _memory(compiled)
-    report["sampler_prefill_compile_s"] = round(seconds, 2)
-    report.update({f"sampler_prefill_{k}_bytes": v for k, v in memory.items()})
-    if memory:  # the train state stays on the devices while the sampler runs
-      report["sampler_peak_bytes_per_device"] = (
-          params_bytes + report["optimizer_bytes_per_device"]
-          + report["reference_bytes_per_device"] + memory["output"] + memory["temp"])
+    report.update(sampler_report(config, layout, state, dims, report, learner_layout))
   report["environment"] = {"machine": platform.machine(), "python": platform.python_version(),
                            "jax": jax.__version__, "flax": flax.__version__,
                            "command": " ".join(sys.argv)}
@@ -290,6 +248,41 @@ def run(config, devices: Optional[int] = None, shapes: Optional[dict] = None,
   return report
 
 
+def sampler_report(config, layout, state: learner.TrainState, dims: DryRunShapes, report: dict,
+                   learner_layout: bool = True) -> dict:
+  """The sampler with the rollout layout ("rollout") and, when that differs, with the
+  learner's parameters and mesh ("learner_layout"); see `dry_run_sampler.layout_report`."""
+  train_state_bytes = (report["params_bytes_per_device"] + report["optimizer_bytes_per_device"]
+                       + report["reference_bytes_per_device"])
+  common = dict(rows=dims.sampler_batch, prompt=dims.sampler_prompt,
+                new_tokens=dims.sampler_new_tokens, prefill_chunk=dims.sampler_prefill_chunk,
+                slots=bool(config.sampling.slots), train_state_bytes=train_state_bytes,
+                chip=config.train.dry_run_chip)
+  if layout.same_as_learner:
+    rollout_params, copy_bytes = state.params, 0
+  else:
+    rollout_params = _abstract(nn.meta.unbox(transformer.abstract_params(layout.config)),
+                               layout.shardings())
+    copy_bytes = bytes_per_device(rollout_params)
+  rollout = dry_run_sampler.layout_report(layout.config, rollout_params, layout.mesh,
+                                          copy_bytes=copy_bytes, **common)
+  out = {"rollout": rollout, "rollout_weight_bytes_per_device": rollout["weight_bytes"],
+         "kv_cache_bytes_per_device": rollout["kv_cache_bytes"],
+         "sampler_prefill_compile_s": rollout.get("prefill_compile_s"),
+         **{f"sampler_prefill_{k}_bytes": v for k, v in rollout.get("prefill_memory", {}).items()}}
+  if "sampler_peak_bytes" in rollout:
+    out["sampler_peak_bytes_per_device"] = rollout["sampler_peak_bytes"]
+  if learner_layout and not layout.same_as_learner:
+    out["learner_layout"] = dry_run_sampler.layout_report(
+        layout.learner_config, state.params, layout.learner_mesh, copy_bytes=0, prefill=False,
+        **common)
+    rates = [r.get("roofline", {}).get("decode_tokens_per_s") for r in
+             (rollout, out["learner_layout"])]
+    if all(rates):
+      out["rollout_vs_learner_layout_decode_tokens_per_s"] = rates[0] / rates[1]
+  return out
+
+
 _BYTE_LINES = (
     ("params_bytes_per_device", "parameters"),
     ("optimizer_bytes_per_device", "optimizer state"),
@@ -297,6 +290,7 @@ _BYTE_LINES = (
     ("batch_bytes_per_device", "learner micro-batch"),
     ("train_step_temp_bytes", "train step temporaries: activations, gradients"),
     ("learner_peak_bytes_per_device", "learner peak (estimate)"),
+    ("rollout_weight_bytes_per_device", "sampler weights (the rollout copy's layout)"),
     ("kv_cache_bytes_per_device", "sampler KV cache"),
     ("sampler_prefill_temp_bytes", "sampler prefill temporaries"),
     ("sampler_peak_bytes_per_device", "sampler peak with the train state (estimate)"),
@@ -322,8 +316,17 @@ def format_report(report: dict) -> str:
   for key, what in _BYTE_LINES:
     if key in report:
       lines.append(f"  {key:<32} {report[key]:>15}  {report[key] / GIB:8.2f} GiB  {what}")
+  for key, name in (("rollout", "sampler, rollout layout"),
+                    ("learner_layout", "sampler, learner layout (the learner's params as they are)")):
+    if key in report:
+      lines += dry_run_sampler.format_layout(name, report[key])
+  if "rollout_vs_learner_layout_decode_tokens_per_s" in report:
+    lines.append(f"roofline decode tokens/s, rollout / learner layout: "
+                 f"{report['rollout_vs_learner_layout_decode_tokens_per_s']:.2f}x")
   compiles = [f"{k[:-len('_compile_s')]} {report[k]:.1f} s" for k in
-              ("train_step_compile_s", "sampler_prefill_compile_s") if k in report]
+              ("train_step_compile_s", "sampler_prefill_compile_s") if report.get(k)]
+  compiles += [f"{k} decode {report[k]['decode_compile_s']:.1f} s" for k in
+               ("rollout", "learner_layout") if k in report]
   lines.append("lower + compile: " + ", ".join(compiles))
   return "\n".join(lines)
 
@@ -335,7 +338,8 @@ def main(argv):
   overrides = {name: getattr(f, name) for name in ("rows", "length", "response", "sampler_batch",
                                                    "sampler_prompt", "sampler_new_tokens")
                if getattr(f, name)}
-  run(f.config, devices=f.devices, shapes=overrides, sampler=f.sampler, out_path=f.out)
+  run(f.config, devices=f.devices, shapes=overrides, sampler=f.sampler, out_path=f.out,
+      learner_step=f.learner, learner_layout=f.learner_layout)
 
 
 if __name__ == "__main__":
@@ -346,6 +350,9 @@ if __name__ == "__main__":
   for _name in ("rows", "length", "response", "sampler_batch", "sampler_prompt",
                 "sampler_new_tokens"):
     flags.DEFINE_integer(_name, 0, f"override the lowered {_name} (0: from the config)")
-  flags.DEFINE_bool("sampler", True, "also compile the sampler's prefill")
+  flags.DEFINE_bool("sampler", True, "also compile the sampler: prefill and decode loop")
+  flags.DEFINE_bool("learner", True, "compile the learner's train step")
+  flags.DEFINE_bool("learner_layout", True, "also compile the decode loop with the learner's "
+                    "params and mesh, when the rollout layout differs")
   flags.DEFINE_string("out", None, "write the report as JSON here")
   app.run(main)

@@ -7,6 +7,7 @@ only place a value is chosen. Each function here reads one part of it:
   sft_learner_settings(config)  sft.* and optim.adam_*      -> LearnerSettings (stage 1)
   rollout_settings(config)      agent.*, rl.group_size      -> agent.rollout.RolloutSettings
   sampling_settings(config, t)  sampling.*, agent budgets   -> sampling.SamplingSettings
+  rollout_layout(config, m, mesh) sampling.param_dtype, .mesh -> rollout_weights.RolloutLayout
   script_settings(config)       sft.* noise and think       -> agent.scripted.ScriptSettings
 
 `validate(config)` (RL) and `validate_sft(config)` fail with what to fix before a model is built,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from gru_mem import defaults, parallel, sampling
+from gru_mem import defaults, parallel, rollout_weights, sampling
 from gru_mem.agent import modes, prompts
 from gru_mem.agent.rollout import RolloutSettings
 from gru_mem.agent.scripted import ScriptSettings
@@ -89,6 +90,20 @@ def sampling_settings(config, tokenizer, temperature: Optional[float] = None
       prefill_chunk_tokens=s.prefill_chunk_tokens, slots=s.slots,
       batch_buckets=tuple(b for b in sampling.SamplingSettings.batch_buckets if b < s.max_batch_rows)
       + (s.max_batch_rows,))
+
+
+def rollout_layout(config, model_config, learner_mesh) -> rollout_weights.RolloutLayout:
+  """The rollout copy's dtype and mesh (`sampling.param_dtype`, `sampling.mesh`) beside the
+  learner's; raises a ValueError when the mesh does not fit the devices or the heads."""
+  s = config.sampling
+  return rollout_weights.rollout_layout(model_config, learner_mesh, s.param_dtype,
+                                        rollout_weights.mesh_sizes(s.mesh))
+
+
+def recompute_old_logprobs(config, layout: rollout_weights.RolloutLayout) -> bool:
+  """`rl.recompute_old_logprobs`, None resolved: on when the rollout differs from the learner."""
+  setting = config.rl.recompute_old_logprobs
+  return (not layout.same_as_learner) if setting is None else bool(setting)
 
 
 def script_settings(config) -> ScriptSettings:
@@ -182,7 +197,11 @@ def validate(config) -> None:
   learner_settings(config)  # checks the optimizer and loss settings
   check_model_source(config)
   check_tokenizer_source(config)
-  parallel.mesh_from_config(config.mesh)  # the mesh must match the devices
+  learner_mesh = parallel.mesh_from_config(config.mesh)  # the mesh must match the devices
+  rollout_weights.resolve_param_dtype(config.sampling.param_dtype)
+  # sampling.mesh must fit the devices; its heads are checked once the model shape is known
+  # (`rollout_layout`, in train and the dry run, still before anything is compiled).
+  rollout_weights.make_rollout_mesh(rollout_weights.mesh_sizes(config.sampling.mesh), learner_mesh)
   sources.check_data_config(config.data)
 
 

@@ -2,10 +2,12 @@ r"""GRU-Mem / MemAgent RL training.
 
   python -m gru_mem.train --config configs/tiny.py --workdir runs/tiny [--config.rl.alpha=0.5]
 
-One step: draw prompts -> rollout with G samples each (one batched sampler call per chunk step)
--> rewards (outcome, format, exit, update) -> dynamic sampling (drop groups whose advantages are
-all zero, draw more prompts to refill) -> advantages -> one Multi-Conv DAPO update over every turn
-of every kept trajectory -> metrics (TensorBoard, metrics.jsonl, console with ETA) -> checkpoint.
+One step: draw prompts -> rollout with G samples each (one batched sampler call per chunk step,
+with the rollout copy of the policy: `rollout_weights`, its own dtype and mesh) -> rewards
+(outcome, format, exit, update) -> dynamic sampling (drop groups whose advantages are all zero,
+draw more prompts to refill) -> advantages -> pi_old recomputed by the learner when the rollout
+copy differs (`rl.old_logprobs`) -> one Multi-Conv DAPO update over every turn of every kept
+trajectory -> the rollout copy refreshed from the new parameters on device -> metrics (TensorBoard, metrics.jsonl, console with ETA) -> checkpoint.
 Restarting with the same workdir resumes from the latest checkpoint (params, optimizer, step,
 rng and data position).
 """
@@ -25,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gru_mem import parallel, runtime, run_folder, settings, stage
+from gru_mem import parallel, rollout_weights, runtime, run_folder, settings, stage
 from gru_mem.agent.prompts import PromptBuilder
 from gru_mem.agent.rollout import AgentExample, rollout, sampler_policy
 from gru_mem.data import sources
 from gru_mem.rl import batch as rl_batch
-from gru_mem.rl import episodes, learner
+from gru_mem.rl import episodes, learner, old_logprobs
 
 # What the console line shows of a step (everything goes to TensorBoard and metrics.jsonl).
 CONSOLE_KEYS = {"reward/trajectory": "reward", "gate/update_acc_evidence": "upd+",
@@ -97,6 +99,8 @@ def train(config, workdir: str) -> dict:
   model_config = runtime.model_config_from(config, tokenizer)
   tokenizer.save(os.path.join(workdir, run_folder.TOKENIZER_DIR))
   mesh = parallel.mesh_from_config(config.mesh)
+  layout = settings.rollout_layout(config, model_config, mesh)  # the rollout copy's dtype, mesh
+  recompute_old = settings.recompute_old_logprobs(config, layout)
   learner_settings = settings.learner_settings(config)
   shardings = learner.state_shardings(model_config, learner_settings, mesh)
   init_rng, rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -116,15 +120,16 @@ def train(config, workdir: str) -> dict:
                                   start=data_position["examples_consumed"])
   builder = PromptBuilder(tokenizer, config.agent.mode, settings.prompt_set(config, tokenizer))
   train_step = learner.make_train_step(model_config, learner_settings, mesh)
+  rollout_copy = rollout_weights.RolloutWeights(layout, state.params)  # no copy if same layout
   sample_settings = settings.sampling_settings(config, tokenizer)
   metrics: dict = {}
   last_step = start_step
   try:
     for step in range(start_step, config.train.steps):
       step_start = time.perf_counter()
-      policy = sampler_policy(model_config, state.params, sample_settings,
-                              batch_sharding=parallel.batch_sharding(mesh))
-      with parallel.activate(mesh):  # sampler rows split over data/fsdp, constraints applied
+      policy = sampler_policy(layout.config, rollout_copy.params, sample_settings,
+                              batch_sharding=rollout_copy.batch_sharding)
+      with rollout_copy.activate():  # rows split over the rollout mesh, constraints applied
         out = collect_rows(config, policy, builder, tokenizer, stream,
                            jax.random.fold_in(rng, step))
       data_position["examples_consumed"] += out.prompts_drawn
@@ -137,7 +142,11 @@ def train(config, workdir: str) -> dict:
         if reference_params is not None:
           batch = batch.replace(ref_logprobs=learner.reference_log_probs(
               model_config, reference_params, batch, mesh))
+        if recompute_old:  # pi_old from the learner, before the update
+          batch, gap = old_logprobs.recompute(model_config, state.params, batch, mesh)
+          metrics.update(gap)
         state, learn_metrics = train_step(state, batch)
+        rollout_copy.refresh(state.params)  # cast + reshard on device, the old copy donated
         metrics.update({f"learner/{k}": float(v) for k, v in jax.device_get(learn_metrics).items()})
       else:
         metrics["learner/skipped"] = 1.0  # every group had zero advantage

@@ -83,7 +83,9 @@ def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
   kv_cache = 2 * layers * (16 // 4) * (1024 + 96) * (config.num_kv_heads // 2) * config.head_dim * 4
   assert report["kv_cache_bytes_per_device"] == kv_cache
   assert printed(stdout, "kv_cache_bytes_per_device") == kv_cache
-  assert report["sampler_prefill_output_bytes"] >= kv_cache  # the prefill returns the cache
+  # Continuous batching (slots > 0): the prefill returns its group's cache of prompt columns,
+  # copied into the slots' cache.
+  assert report["sampler_prefill_output_bytes"] >= kv_cache * 1024 // (1024 + 96)
   assert "lower + compile: train_step" in stdout
 
 
@@ -169,6 +171,9 @@ def test_paper_configs(module):
     assert c.model.scan_layers and c.model.remat_policy == "full"
     assert (c.model.param_dtype, c.model.dtype) == ("float32", "bfloat16")
     assert c.optim.micro_batch_rows % (c.mesh.fsdp * max(c.mesh.data, 1)) == 0
+    assert c.sampling.param_dtype == "bfloat16" and c.sampling.mesh.fsdp == 1
+    assert c.sampling.mesh.tensor == (4 if module is qwen2p5_7b_hotpotqa else 2)
+    assert c.train.dry_run_chip == ("h100" if arg == "h100x8" else "tpu_v5p")
     assert not settings.unknown_keys(c)  # only keys configs/base.py defines
   with pytest.raises(ValueError, match="unknown target"):
     module.get_config("v4-8")
@@ -183,6 +188,7 @@ def test_placeholder_paths_fail_validation_clearly(tmp_path):
   (folder / "config.json").write_text("{}")
   c.model.hf_path = str(folder)
   c.mesh.fsdp = 1  # this process has one device
+  c.sampling.mesh.data = c.sampling.mesh.fsdp = c.sampling.mesh.tensor = 0  # (the learner's)
   with pytest.raises(FileNotFoundError, match="hotpotqa_path"):
     settings.validate(c)
 
@@ -193,3 +199,86 @@ def test_bfloat16_weights_would_not_move_at_the_papers_learning_rate():
   weights = jnp.array([0.02, -0.05, 0.01], jnp.bfloat16)
   assert bool(jnp.all(weights + jnp.bfloat16(1e-6) == weights))
   assert not bool(jnp.all(weights.astype(jnp.float32) + 1e-6 == weights.astype(jnp.float32)))
+
+
+def rollout_weight_bytes(c, tensor: int, itemsize: int = 2) -> int:
+  """Hand count of the rollout copy per device: heads, kv heads (when tensor divides them),
+  mlp and vocab dims split over tensor, everything else replicated (no fsdp)."""
+  kv_split = tensor if c.num_kv_heads % tensor == 0 else 1
+  q, kv, h = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.hidden_size
+  per_layer = (h * q + q + q * h) // tensor + 2 * (h * kv + kv) // kv_split \
+      + 3 * h * c.intermediate_size // tensor + 2 * h
+  embeddings = c.vocab_size * h * (1 if c.tie_word_embeddings else 2) // tensor
+  return itemsize * (c.num_layers * per_layer + embeddings + h)
+
+
+SMALL_7B_LIKE = model_config.ModelConfig(  # 7B's head layout (heads and kv heads split by 4)
+    vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=8,
+    num_kv_heads=4, head_dim=16, tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def test_decode_loop_with_the_paper_rollout_layout_small_shapes(tmp_path):
+  """The 7B h100x8 config's two layouts (learner: float32, fsdp=8; rollout: bfloat16, data=2 x
+  tensor=4) on a small model with 7B's head layout: from the compiled text, the rollout's decode
+  loop gathers no weight and the learner layout's does; the figures match hand counts."""
+  folder = tmp_path / "model"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps(model_config.to_hf_config(SMALL_7B_LIKE)))
+  out = tmp_path / "small.json"
+  stdout = run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
+                       f"--config.model.hf_path={folder}", "--config.sampling.slots=16",
+                       "--sampler_prompt=128", "--sampler_new_tokens=16", "--nolearner",
+                       "--out", str(out)])
+  report = json.loads(out.read_text())
+  rollout, learner_layout = report["rollout"], report["learner_layout"]
+  c = SMALL_7B_LIKE
+  assert rollout["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+  assert learner_layout["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert rollout["rows"] == learner_layout["rows"] == 16
+  assert report["rollout_weight_bytes_per_device"] == rollout_weight_bytes(c, 4)
+  assert printed(stdout, "rollout_weight_bytes_per_device") == rollout_weight_bytes(c, 4)
+  # KV cache (bfloat16): 16 rows over data=2 x 4 kv heads over tensor=4, or rows over fsdp=8.
+  columns = 128 + 16
+  kv = 2 * c.num_layers * 16 * columns * c.num_kv_heads * c.head_dim * 2 // 8
+  assert rollout["kv_cache_bytes"] == learner_layout["kv_cache_bytes"] == kv
+  # From the compiled text: no weight is gathered for the rollout layout; the learner layout
+  # gathers its weights, and a token step then reads at least a bfloat16 copy of every matmul.
+  assert rollout["weight_gathers"]["count"] == 0
+  # A token step reads the rollout weights as stored and the decode state (+ a few loop
+  # temporaries), nothing gathered.
+  assert rollout["bytes_per_token_step"] <= 1.02 * (rollout["weight_bytes"]
+                                                    + rollout["decode_state_bytes"])
+  assert learner_layout["weight_gathers"]["count"] > 0
+  matmul_params = c.num_params() - c.vocab_size * c.hidden_size
+  assert learner_layout["bytes_per_token_step"] >= kv + 2 * matmul_params
+  assert rollout["collectives_per_token_step"]["all-reduce"]["count"] > 0  # tensor parallel
+  assert report["rollout_vs_learner_layout_decode_tokens_per_s"] > 1
+  assert "roofline on NVIDIA H100 SXM" in stdout and "weight all-gathers: 0" in stdout
+
+
+def test_sampling_mesh_that_does_not_fit_fails_before_compiling():
+  for flag, message in (("--config.sampling.mesh.tensor=8", "does not divide the model's 28"),
+                        ("--config.sampling.mesh.data=3", "does not fit the 8 devices")):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-m", "gru_mem.dry_run", "--config",
+                             "configs/qwen2p5_7b_hotpotqa.py:h100x8", flag], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert "lower + compile" not in result.stdout  # nothing was compiled
+
+
+def test_7b_h100x8_rollout_decode_loop_gathers_no_weight(tmp_path):
+  """The paper config's rollout layout at 7B shapes (128 slots x 9728 cache columns): the compiled
+  decode loop holds no all-gather of a weight, and a device holds a quarter of the bfloat16
+  weights (plus the replicated norms and biases)."""
+  out = tmp_path / "7b.json"
+  run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
+              "--nolearner", "--nolearner_layout", "--out", str(out)])
+  report = json.loads(out.read_text())
+  rollout = report["rollout"]
+  c = model_config.preset("qwen2.5-7b")
+  assert rollout["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4} and rollout["rows"] == 128
+  assert rollout["weight_gathers"] == {"count": 0, "in_loop": 0, "bytes": 0}
+  assert rollout["weight_bytes"] == rollout_weight_bytes(c, 4)
+  assert rollout["weight_bytes"] <= 1.1 * 2 * c.num_params() / 4
+  assert rollout["sampler_peak_bytes"] < 80e9  # fits an H100 with the train state

@@ -16,15 +16,16 @@ MAX_LINES = 400
 LAYERS = (
     ("foundation", ("gru_mem", "gru_mem.console", "gru_mem.buckets", "gru_mem.gates",
                     "gru_mem.defaults")),
-    ("infrastructure", ("gru_mem.parallel", "gru_mem.checkpoint", "gru_mem.logs")),
+    ("infrastructure", ("gru_mem.parallel", "gru_mem.checkpoint", "gru_mem.logs",
+                        "gru_mem.hlo_text")),
     ("model and data", ("gru_mem.model.", "gru_mem.data.")),
-    ("sampler", ("gru_mem.sampling", "gru_mem.continuous")),
+    ("sampler", ("gru_mem.sampling", "gru_mem.continuous", "gru_mem.rollout_weights")),
     ("agent", ("gru_mem.agent.",)),
     ("rl", ("gru_mem.rl.",)),
     ("run plumbing", ("gru_mem.run_folder", "gru_mem.runtime", "gru_mem.settings",
                       "gru_mem.stage", "gru_mem.eval_report", "gru_mem.sweep_summary")),
     ("entry points", ("gru_mem.train", "gru_mem.sft", "gru_mem.evaluate", "gru_mem.infer",
-                      "gru_mem.export_hf", "gru_mem.dry_run")),
+                      "gru_mem.export_hf", "gru_mem.dry_run", "gru_mem.dry_run_sampler")),
     ("the default job", ("gru_mem.default_job",)),
 )
 

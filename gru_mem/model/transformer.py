@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gru_mem import parallel
 from gru_mem.model import attention
 from gru_mem.model.config import ModelConfig
 
@@ -44,12 +45,28 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> Ca
   dtype = dtype or config.jnp_dtype
   shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
   return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
+      "k": constrain_cache(jnp.zeros(shape, dtype)),
+      "v": constrain_cache(jnp.zeros(shape, dtype)),
       "valid": jnp.zeros((batch, capacity), jnp.bool_),
       "index": jnp.zeros((), jnp.int32),
       "lengths": jnp.zeros((batch,), jnp.int32),
   }
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache's k and v
+
+
+def constrain_cache(kv: jax.Array) -> jax.Array:
+  """Lays a cache k or v out by `CACHE_AXES` under the current mesh and rules (rows over the
+  batch axes, kv heads over tensor when they divide, else replicated); unchanged without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not nn.get_logical_axis_rules():
+    return kv
+  spec = nn.logical_to_mesh_axes(CACHE_AXES)
+  if any(name not in mesh.shape for axes in spec if axes is not None
+         for name in ((axes,) if isinstance(axes, str) else axes)):
+    return kv  # a mesh without the rules' axes: leave the layout to the compiler
+  return jax.lax.with_sharding_constraint(kv, parallel.fit_spec_to_shape(spec, kv.shape, mesh))
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

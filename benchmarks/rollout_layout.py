@@ -1,0 +1,76 @@
+"""The rollout copy's layout against the learner's, for the paper configs: dry-run figures.
+
+For each target the dry run (`python -m gru_mem.dry_run --nolearner`, a fresh process with as
+many fake CPU devices as the target has chips) compiles the sampler's decode loop twice: with the
+rollout copy (bfloat16, `sampling.mesh`) and with the learner's float32 fsdp parameters as they
+are. Per layout it records, per device: weight bytes, KV cache bytes, the bytes the decode loop
+carries (what a token step reads), the collectives per token step and outside the loop, weight
+all-gathers, the sampler's peak with the train state, and the roofline decode tokens/s of the
+config's chip. Counts and bytes come from the compiled programs and do not depend on the machine.
+
+  python benchmarks/rollout_layout.py       # -> benchmarks/results/rollout_layout.json
+  python benchmarks/rollout_layout.py --configs qwen2p5_7b_hotpotqa.py:h100x8 --slots 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (benchmarks/ is not a package)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = ("mesh", "param_dtype", "rows", "cache_columns", "weight_bytes", "kv_cache_bytes",
+        "decode_carry_bytes", "bytes_per_token_step", "loop_weight_bytes", "collectives_per_token_step",
+        "collectives_outside_loop", "weight_gathers", "sampler_peak_bytes", "roofline",
+        "decode_compile_s")
+
+
+def dry_run(config: str, extra: list) -> dict:
+  with tempfile.TemporaryDirectory() as folder:
+    out = os.path.join(folder, "report.json")
+    command = [sys.executable, "-m", "gru_mem.dry_run", "--config", f"configs/{config}",
+               "--nolearner", "--out", out, *extra]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(result.stderr[-3000:])
+    print(result.stdout, flush=True)
+    with open(out) as f:
+      return json.load(f)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", default="qwen2p5_7b_hotpotqa.py:h100x8,"
+                      "qwen2p5_7b_hotpotqa.py:tpu_v5p_64")
+  parser.add_argument("--slots", default="", help="comma-separated sampling.slots to add "
+                      "beside the config's (e.g. 64)")
+  parser.add_argument("--name", default="rollout_layout")
+  args = parser.parse_args()
+  runs = []
+  for config in args.configs.split(","):
+    for slots in [None] + [int(s) for s in args.slots.split(",") if s]:
+      extra = [] if slots is None else [f"--config.sampling.slots={slots}"]
+      report = dry_run(config, extra)
+      runs.append({
+          "config": config, "overrides": extra, "model_source": report["model_source"],
+          "shapes": report["shapes"], "train_state_bytes_per_device":
+              report["params_bytes_per_device"] + report["optimizer_bytes_per_device"]
+              + report["reference_bytes_per_device"],
+          "rollout": {k: report["rollout"].get(k) for k in KEYS},
+          "learner_layout": {k: report["learner_layout"].get(k) for k in KEYS},
+          "rollout_vs_learner_layout_decode_tokens_per_s":
+              report.get("rollout_vs_learner_layout_decode_tokens_per_s"),
+          "dry_run_environment": report["environment"]})
+  path = common.save_results(args.name, {"runs": runs})
+  print(f"saved {path}")
+
+
+if __name__ == "__main__":
+  main()
