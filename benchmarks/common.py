@@ -96,7 +96,8 @@ def matmul_peak_flops(size: int = 2048, iterations: int = 5) -> dict[str, Any]:
           "flop_per_s_median": flops / timing["median_s"], **timing}
 
 
-def save_results(name: str, figures: dict[str, Any], protocol: "Protocol | None" = None) -> str:
+def save_results(name: str, figures: dict[str, Any], protocol: "Protocol | None" = None,
+                 directory: str = RESULTS_DIR) -> str:
   """Writes figures plus machine, versions, command and date to benchmarks/results/<name>.json.
 
   With a `Protocol`, the JSON also holds its load bookkeeping ("protocol": {..., "loaded": ...}).
@@ -111,8 +112,8 @@ def save_results(name: str, figures: dict[str, Any], protocol: "Protocol | None"
   }
   if protocol is not None:
     record["protocol"] = protocol.record()
-  os.makedirs(RESULTS_DIR, exist_ok=True)
-  path = os.path.join(RESULTS_DIR, f"{name}.json")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"{name}.json")
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   return path

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Mapping, Optional
 
@@ -189,9 +190,30 @@ class CheckpointManager:
     if PARAMS not in self._array_items(step):
       raise KeyError(f"checkpoint step {step} holds no params")
     target = None if abstract_params is None else abstract_like(abstract_params)
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+    try:
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)}))
+    except ValueError:
+      if target is not None:
+        raise
+      # Saved on other devices (another host count, e.g. a multi-host run read on a laptop):
+      # restore every array whole on this process's first device.
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          PARAMS: ocp.args.StandardRestore(self.params_on_one_device(step))}))
     return restored[PARAMS]
+
+  def params_on_one_device(self, step: int) -> Any:
+    """The saved params' shapes and dtypes as ShapeDtypeStructs on this process's first device."""
+    absl_logger = logging.getLogger("absl")  # it warns of every other item it does not read
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+      metadata = self._manager.item_metadata(step)[PARAMS]
+    finally:
+      absl_logger.setLevel(level)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        metadata.tree if hasattr(metadata, "tree") else metadata)
 
   def restore_json(self, name: str, step: Optional[int] = None) -> dict:
     """A metadata item ('data_position' or 'config') of `step`."""

@@ -195,3 +195,28 @@ def test_restore_onto_a_different_mesh(tmp_path):
                           text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "ok" in result.stdout
+
+
+def test_params_saved_across_8_devices_restore_whole_on_a_one_device_process(tmp_path):
+  """A run on another device count (a multi-host job, an 8-GPU node) is read back on a laptop:
+  every array comes back whole and equal to what was saved."""
+  from conftest import run_on_8_fake_devices  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  run_on_8_fake_devices(f"""
+import json, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from gru_mem import checkpoint
+mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
+params = {{"w": jax.device_put(np.arange(64, dtype=np.float32).reshape(16, 4),
+                               NamedSharding(mesh, P("fsdp", None))),
+           "b": jax.device_put(np.ones(3, np.float32), NamedSharding(mesh, P()))}}
+with checkpoint.CheckpointManager({workdir!r}, save_every=1) as manager:
+  manager.save(1, {{"params": params}}, {{}}, force=True, wait=True)
+print("RESULT" + json.dumps({{"devices": len(params["w"].sharding.device_set)}}))
+""")
+  assert len(jax.devices()) == 1
+  with checkpoint.CheckpointManager(workdir, read_only=True) as manager:
+    restored = manager.restore_params()
+  np.testing.assert_array_equal(np.asarray(restored["w"]),
+                                np.arange(64, dtype=np.float32).reshape(16, 4))
+  np.testing.assert_array_equal(np.asarray(restored["b"]), np.ones(3, np.float32))
