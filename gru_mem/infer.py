@@ -115,7 +115,8 @@ def answer_question(model_config: ModelConfig, params: Any, tokenizer: Tokenizer
                     memory_tokens: int = AGENT_DEFAULTS["memory_tokens"],
                     max_response_tokens: int = AGENT_DEFAULTS["max_response_tokens"],
                     max_answer_tokens: int = AGENT_DEFAULTS["max_answer_tokens"],
-                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                    prompt: str = "auto", prompt_file: str = "", temperature: float = 0.0,
+                    top_p: float = 1.0, seed: int = 0,
                     trace_fn: Optional[Callable[[dict], None]] = None,
                     policy: Optional[Policy] = None,
                     progress_fn: Optional[Callable[[int, int], None]] = None) -> dict:
@@ -132,7 +133,7 @@ def answer_question(model_config: ModelConfig, params: Any, tokenizer: Tokenizer
   start = time.perf_counter()
   settings = agent_settings(mode, chunk_tokens, memory_tokens, max_response_tokens,
                             max_answer_tokens)
-  builder = PromptBuilder(tokenizer, mode, choose_prompt_set(tokenizer))
+  builder = PromptBuilder(tokenizer, mode, choose_prompt_set(tokenizer, prompt, prompt_file))
   question_ids = question_ids_within_budget(builder, question, settings, chunk_tokens,
                                             model_config.max_position_embeddings)
   if not document_text.strip():
@@ -207,7 +208,8 @@ def prepare(hf_model: Optional[str], workdir: Optional[str], step: Optional[int]
   """Checks the command line, cheapest first; reads no weights and compiles nothing.
 
   `agent_flags`: mode, chunk_tokens, memory_tokens, max_response_tokens, max_answer_tokens;
-  None takes the run's value (--workdir), else AGENT_DEFAULTS.
+  None takes the run's value (--workdir), else AGENT_DEFAULTS. The prompt set (agent.prompt,
+  agent.prompt_file) is always the run's: the model was trained on it.
   """
   if bool(hf_model) == bool(workdir):
     raise ValueError("give exactly one of --hf_model DIR or --workdir DIR")
@@ -231,7 +233,10 @@ def prepare(hf_model: Optional[str], workdir: Optional[str], step: Optional[int]
                       if v is not None)
            for name, default in AGENT_DEFAULTS.items()}
   settings = agent_settings(**agent)
-  question_ids_within_budget(PromptBuilder(tokenizer, agent["mode"], choose_prompt_set(tokenizer)),
+  agent.update(prompt=run_agent.get("prompt") or "auto",
+               prompt_file=run_agent.get("prompt_file") or "")
+  prompt_set = choose_prompt_set(tokenizer, agent["prompt"], agent["prompt_file"])
+  question_ids_within_budget(PromptBuilder(tokenizer, agent["mode"], prompt_set),
                              question, settings,
                              agent["chunk_tokens"], model_config.max_position_embeddings)
   return Request(document_text, question.strip(), agent)

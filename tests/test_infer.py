@@ -189,7 +189,8 @@ def test_bad_inputs_fail_before_any_model_is_read(run, tmp_path, monkeypatch):
   assert request.agent == {"mode": agent.mode, "chunk_tokens": agent.chunk_tokens,
                            "memory_tokens": agent.memory_tokens,
                            "max_response_tokens": agent.max_response_tokens,
-                           "max_answer_tokens": agent.max_answer_tokens}
+                           "max_answer_tokens": agent.max_answer_tokens,
+                           "prompt": agent.prompt, "prompt_file": agent.prompt_file}
   assert request.document_text == run.example.document
   # answer_question checks its budget before tokenizing or compiling (params=None never used).
   with pytest.raises(ValueError, match="the model allows 4096"):
