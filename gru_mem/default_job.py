@@ -21,6 +21,7 @@ console.quiet_startup()  # before the libraries below are imported
 
 import json
 import os
+import resource
 import time
 from typing import Optional
 
@@ -47,6 +48,12 @@ def _banner(stage: int, text: str, started: float) -> None:
   print(f"\n[default job] stage {stage}/3: {text} (job time {elapsed})", flush=True)
 
 
+def cpu_seconds() -> float:
+  """User + system CPU seconds of this process so far (all its threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
   """Runs (or resumes) the stages named in `stages`; returns the evaluation results (None when
   the evaluation was not run)."""
@@ -58,20 +65,21 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
   settings.validate(config)
   evaluate.cells(config.eval)
   dirs = stage_dirs(workdir)
-  started = time.perf_counter()
+  started, cpu_started = time.perf_counter(), cpu_seconds()
   timings = {}
   if "sft" in wanted:
     _banner(1, f"supervised warm start, {config.sft.steps} steps -> {dirs['sft']}", started)
-    stage_start = time.perf_counter()
+    stage_start, stage_cpu = time.perf_counter(), cpu_seconds()
     if (run_folder.completed_steps(dirs["sft"]) or 0) >= config.sft.steps:
       print("[default job] stage 1 already done: skipped")
     else:
       sft.train_sft(config, dirs["sft"])
     timings["sft_s"] = time.perf_counter() - stage_start
+    timings["sft_cpu_s"] = cpu_seconds() - stage_cpu
   if "rl" in wanted:
     _banner(2, f"GRU-Mem RL, {config.train.steps} steps from the stage-1 weights -> {dirs['rl']}",
             started)
-    stage_start = time.perf_counter()
+    stage_start, stage_cpu = time.perf_counter(), cpu_seconds()
     if (run_folder.completed_steps(dirs["rl"]) or 0) >= config.train.steps:
       print("[default job] stage 2 already done: skipped")
     else:
@@ -79,10 +87,11 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
     logs.plot_metrics(os.path.join(dirs["rl"], logs.METRICS_FILE), RL_CURVES,
                       os.path.join(workdir, "rl_curves.png"))
     timings["rl_s"] = time.perf_counter() - stage_start
+    timings["rl_cpu_s"] = cpu_seconds() - stage_cpu
   results = None
   if "eval" in wanted:
     _banner(3, f"evaluation on held-out examples -> {dirs['eval']}", started)
-    stage_start = time.perf_counter()
+    stage_start, stage_cpu = time.perf_counter(), cpu_seconds()
     results_path = os.path.join(dirs["eval"], "results.json")
     if os.path.isfile(results_path):
       print("[default job] stage 3 already done: skipped (delete eval/results.json to redo it)")
@@ -93,12 +102,17 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
       command = f"python -m gru_mem.default_job --workdir {workdir}"
       results = evaluate.evaluate(config, models, dirs["eval"], command)
     timings["eval_s"] = time.perf_counter() - stage_start
+    timings["eval_cpu_s"] = cpu_seconds() - stage_cpu
   timings["total_s"] = time.perf_counter() - started
+  timings["total_cpu_s"] = cpu_seconds() - cpu_started
+  timings["load_average_1_5_15_at_end"] = list(os.getloadavg())
   with open(os.path.join(workdir, "timings.json"), "w") as f:
     json.dump(timings, f, indent=1)
   print(f"\n[default job] done in {logs.format_duration(timings['total_s'])}: "
         + ", ".join(f"{k[:-2]} {logs.format_duration(v)}" for k, v in timings.items()
-                    if k != "total_s"))
+                    if k.endswith("_s") and not k.endswith("cpu_s") and k != "total_s")
+        + f" (wall time; {timings['total_cpu_s']:.0f} CPU-seconds, load average at the end "
+        + "{:.1f} {:.1f} {:.1f})".format(*timings["load_average_1_5_15_at_end"]))
   if results is not None:
     print(f"[default job] report: {os.path.join(dirs['eval'], 'report.md')}")
     for name, check in results.get("checks", {}).items():

@@ -15,8 +15,10 @@ held-out examples: synthetic ones with data seeds `eval.seed * 1_000_003 + i`, w
 stage draws (SFT uses `sft.seed`, RL `seed`), real ones are the first records of the data file.
 Each (model, mode) reads them with greedy decoding, `eval.batch_size` examples per rollout.
 
-Per cell and run: accuracy (the boxed answer against the gold answers, as r_out), wall time
-(sampler compilation excluded: every shape is compiled before the clock starts), chunks read,
+Per cell and run: accuracy (the boxed answer against the gold answers, as r_out), the work per
+example in tokens (`work_tokens`: prompt tokens prefilled plus tokens generated, summed over every
+turn, the answer turn included; it does not depend on the machine), wall time (machine-dependent;
+sampler compilation excluded: every shape is compiled before the clock starts), chunks read,
 exits early / exact / late relative to the last evidence chunk, the update gate's accuracy on
 evidence and on non-evidence chunks, the format-ok rate and the memory length at every step.
 Written to `out/`: results.json, report.md (tables and the checks of the default job), and PNG
@@ -171,8 +173,17 @@ def run_cell(model: Model, mode: str, config, examples: Sequence, batch_size: in
   return summarize(trajectories, agent_examples, config, mode, seconds)
 
 
+def work_tokens(trajectory) -> tuple[int, int]:
+  """(prompt tokens prefilled, tokens generated) of one trajectory, summed over all its turns,
+  the answer turn included: the tokens the model processed to read and answer."""
+  turns = list(trajectory.turns) + ([trajectory.answer_turn] if trajectory.answer_turn else [])
+  return (sum(len(t.prompt_ids) for t in turns), sum(len(t.response_ids) for t in turns))
+
+
 def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -> dict:
   """The numbers of one (cell, run) from its trajectories (one per example)."""
+  prompt_tokens, generated_tokens = (np.array(x, np.float64).reshape(-1) for x in
+                                     zip(*[work_tokens(t) for t in trajectories]))
   scored = episodes.score_rollout(trajectories, agent_examples, 1, config.rl, mode)
   arrays, metrics = scored.arrays, scored.metrics
   alive = arrays.alive[:, 0]  # [examples, steps]
@@ -183,6 +194,9 @@ def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -
       "accuracy": metrics["agent/accuracy"],
       "seconds": seconds,
       "seconds_per_example": seconds / max(len(trajectories), 1),
+      "prompt_tokens": float(prompt_tokens.mean()),  # per example
+      "generated_tokens": float(generated_tokens.mean()),  # per example
+      "work_tokens": float((prompt_tokens + generated_tokens).mean()),  # per example
       "chunks_read": metrics["agent/chunks_read"],
       "num_chunks": float(np.mean([e.chunks.num_chunks for e in agent_examples])),
       "exit_early": metrics["gate/exit_early"],
@@ -236,7 +250,8 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
                                "evidence_depth": cell.evidence_depth, "model": label,
                                "mode": mode, **summary})
       progress.write(f"[eval] {cell.name} {label}/{mode}: acc {summary['accuracy']:.3f} "
-                     f"time {summary['seconds']:.1f}s chunks {summary['chunks_read']:.1f}/"
+                     f"tokens/ex {summary['work_tokens']:.0f} time {summary['seconds']:.1f}s "
+                     f"chunks {summary['chunks_read']:.1f}/"
                      f"{summary['num_chunks']:.0f} exact-exit {summary['exit_exact']:.2f}",
                      file=sys.stdout)
       progress.update(1)
@@ -244,7 +259,7 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
   results["checks"] = eval_report.default_job_checks(results["cells"], config.eval)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
-  eval_report.write_report(results, out_dir)
+  eval_report.write_report(results, out_dir, config.eval)
   eval_report.plot_results(results, out_dir)
   return results
 

@@ -52,8 +52,12 @@ def test_shrunk_default_job_learns_the_update_gate_and_writes_its_report(tmp_pat
                "eval/memory_vs_step.png", "timings.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert {(c["model"], c["mode"]) for c in results["cells"]} == {
-      ("gru_mem", "memagent"), ("gru_mem", "gru_mem_no_exit"), ("gru_mem", "gru_mem"),
-      ("stage1", "memagent")}
+      ("gru_mem", "gru_mem"), ("stage1", "memagent"), ("stage1", "gru_mem")}
+  assert set(results["checks"]) == {"update_acc_evidence", "update_acc_non_evidence", "exit_exact",
+                                    "accuracy_drop_vs_memagent"}  # no 32-chunk cell: no speed-up
+  with open(os.path.join(workdir, "timings.json")) as f:
+    timings = json.load(f)
+  assert timings["total_cpu_s"] > 0 and timings["rl_cpu_s"] > 0
 
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     written = json.load(f)
