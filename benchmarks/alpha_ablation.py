@@ -67,6 +67,9 @@ def run_alpha(job: str, out: str, alpha: float, extra: list[str], wait_s: float)
     folder = os.path.join(out, f"alpha_{alpha:g}")
     results_path = os.path.join(folder, "eval", "results.json")
     ran, wall, cpu = [], 0.0, 0.0
+    if os.path.isfile(os.path.join(folder, "alpha_record.json")):  # done before: re-read it
+      with open(os.path.join(folder, "alpha_record.json")) as f:
+        return json.load(f)
     if not os.path.isfile(results_path):
       os.makedirs(folder, exist_ok=True)
       env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
@@ -83,8 +86,12 @@ def run_alpha(job: str, out: str, alpha: float, extra: list[str], wait_s: float)
         ran.append(" ".join(command[1:]))
   with open(results_path) as f:
     cells = json.load(f)["cells"]
-  return {"alpha": alpha, "folder": folder, "commands": ran, "wall_s": wall, "cpu_s": cpu,
-          "gru_mem": eval_report.pooled_summary(cells, *eval_report.MAIN)}
+  record = {"alpha": alpha, "folder": folder, "commands": ran, "wall_s": wall, "cpu_s": cpu,
+            "gru_mem": eval_report.pooled_summary(cells, *eval_report.MAIN)}
+  if ran:
+    with open(os.path.join(folder, "alpha_record.json"), "w") as f:
+      json.dump(record, f, indent=1)
+  return record
 
 
 def table(rows: list[dict]) -> str:
@@ -116,6 +123,7 @@ def main() -> None:
   alphas = [float(a) for a in args.alphas.split(",")]
   with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
     rows = list(pool.map(lambda a: run_alpha(job, out, a, extra, args.wait_s), alphas))
+  rows.sort(key=lambda row: row["alpha"])
   text = table(rows)
   print(text)
   path = common.save_results("alpha_ablation", {

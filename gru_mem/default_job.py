@@ -6,11 +6,13 @@
 Three stages in one process, each in its own folder of the workdir:
   sft/   stage 1: supervised warm start on scripted trajectories (`gru_mem.sft`)
   rl/    stage 2: GRU-Mem RL (`gru_mem.train`) starting from the stage-1 weights
-  eval/  stage 3: held-out evaluation (`gru_mem.evaluate`) of the RL model in every mode and of
-         the stage-1 model as MemAgent: results.json, report.md, PNG plots
+  eval/  stage 3: held-out evaluation (`gru_mem.evaluate`) of the RL model in `eval.modes` and
+         of the stage-1 model in `eval.baseline_modes` (as MemAgent, the baseline, and with its
+         own gates, what RL started from): results.json, report.md, PNG plots
 and rl_curves.png (reward, gate accuracies, exits, chunks read per RL step) next to them.
 Checkpoints and TensorBoard logs stay in sft/ and rl/. Re-running resumes an interrupted stage
-and skips finished ones (the evaluation is redone only if its results are missing).
+and skips finished ones (the evaluation is redone only if its results are missing). timings.json
+holds each stage's wall time and CPU-seconds (this process, all threads) and the load average.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def cpu_seconds() -> float:
   return usage.ru_utime + usage.ru_stime
 
 
+def stage_finished(folder: str, steps: int, name: str) -> bool:
+  """False (and says so) when a stage stopped before its last step (SIGTERM, non-finite stop):
+  the job stops there rather than start the next stage from unfinished weights."""
+  done = run_folder.completed_steps(folder) or 0
+  if done < steps:
+    print(f"[default job] {name} stopped at step {done} of {steps}: the job stops here; run the "
+          "same command again to resume", flush=True)
+  return done >= steps
+
+
 def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
   """Runs (or resumes) the stages named in `stages`; returns the evaluation results (None when
   the evaluation was not run)."""
@@ -74,6 +86,8 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
       print("[default job] stage 1 already done: skipped")
     else:
       sft.train_sft(config, dirs["sft"])
+      if not stage_finished(dirs["sft"], config.sft.steps, "stage 1"):
+        return None
     timings["sft_s"] = time.perf_counter() - stage_start
     timings["sft_cpu_s"] = cpu_seconds() - stage_cpu
   if "rl" in wanted:
@@ -84,6 +98,8 @@ def run(config, workdir: str, stages: str = "sft,rl,eval") -> Optional[dict]:
       print("[default job] stage 2 already done: skipped")
     else:
       train.train(rl_config(config, dirs["sft"]), dirs["rl"])
+      if not stage_finished(dirs["rl"], config.train.steps, "stage 2"):
+        return None
     logs.plot_metrics(os.path.join(dirs["rl"], logs.METRICS_FILE), RL_CURVES,
                       os.path.join(workdir, "rl_curves.png"))
     timings["rl_s"] = time.perf_counter() - stage_start

@@ -64,3 +64,12 @@ def test_shrunk_default_job_learns_the_update_gate_and_writes_its_report(tmp_pat
   again = default_job.run(shrunk_config(), workdir)  # every stage is found done
   assert again["cells"] == written["cells"]
   assert len(logs.read_metrics(os.path.join(workdir, "rl", logs.METRICS_FILE))) == 8
+
+
+def test_a_stage_stopped_early_stops_the_job(tmp_path, monkeypatch):
+  """SFT that stops before its last step (SIGTERM) must not hand its weights to RL."""
+  calls = []
+  monkeypatch.setattr(default_job.sft, "train_sft", lambda config, folder: calls.append("sft"))
+  monkeypatch.setattr(default_job.train, "train", lambda config, folder: calls.append("rl"))
+  assert default_job.run(shrunk_config(), str(tmp_path / "job")) is None
+  assert calls == ["sft"]
