@@ -32,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 import common  # noqa: E402  (benchmarks/ is not a package)
 
 from gru_mem import eval_report  # noqa: E402

@@ -29,6 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout
 import common  # noqa: E402  (benchmarks/ is not a package)
 
 from gru_mem import eval_report  # noqa: E402
@@ -52,21 +53,29 @@ def run_seed(seed: int, workdir: str, extra: list[str]) -> dict:
   command = [sys.executable, "-m", "gru_mem.default_job", "--config", "configs/tiny.py",
              "--workdir", folder, *seed_flags(seed), *extra]
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  load_before = list(os.getloadavg())
-  start = time.perf_counter()
-  with open(os.path.join(folder, "job.log"), "w") as log:
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(process.pid, 0)
-  wall = time.perf_counter() - start
-  if os.waitstatus_to_exitcode(status) != 0:
-    raise RuntimeError(f"seed {seed}: the job failed (exit {status}); see {folder}/job.log")
+  load_before, from_timings = list(os.getloadavg()), False
+  if os.path.isfile(os.path.join(folder, "eval", "results.json")) and \
+      os.path.isfile(os.path.join(folder, "timings.json")):
+    from_timings = True  # a finished job without a record: its own timings.json has the times
+  else:
+    start = time.perf_counter()
+    with open(os.path.join(folder, "job.log"), "w") as log:
+      process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+      _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+      raise RuntimeError(f"seed {seed}: the job failed (exit {status}); see {folder}/job.log")
   with open(os.path.join(folder, "eval", "results.json")) as f:
     results = json.load(f)
   with open(os.path.join(folder, "timings.json")) as f:
     timings = json.load(f)
+  if from_timings:
+    wall, cpu = timings["total_s"], timings.get("total_cpu_s", float("nan"))
+  else:
+    cpu = usage.ru_utime + usage.ru_stime
   record = {
       "seed": seed, "command": " ".join(command[1:]), "workdir": folder,
-      "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+      "wall_s": wall, "cpu_s": cpu, "times_from_the_jobs_timings_json": from_timings,
       "load_average_before": load_before, "load_average_after": list(os.getloadavg()),
       "stage_timings": timings, "checks": results["checks"],
       "all_checks_passed": all(c["passed"] for c in results["checks"].values()),
