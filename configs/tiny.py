@@ -1,6 +1,6 @@
 """The default job on a laptop CPU: a tiny Qwen2-shaped model learns both gates from scratch.
 
-  bash launch/local.sh            # all three stages, 15-45 minutes on 2 CPU cores (load-dependent)
+  bash launch/local.sh            # all three stages (see the README for its time on 2 CPU cores)
   python -m gru_mem.default_job --config configs/tiny.py --workdir runs/default
   python -m gru_mem.train --config configs/tiny.py --workdir runs/tiny   # RL alone, from scratch
 
@@ -56,10 +56,18 @@ def get_config():
   c.train.steps = 100
   c.train.save_every = 10
 
-  # Stage 3: held-out evaluation.
+  # Stage 3: held-out evaluation. The RL model with both gates; the stage-1 model as MemAgent (the
+  # baseline) and with its own gates (what RL started from).
   c.eval.tasks = "niah_single_word,niah_multihop_1"
   c.eval.lengths = "256,1024"
   c.eval.evidence_depths = "1.0,0.2"
   c.eval.examples = 16
   c.eval.batch_size = 16
+  c.eval.modes = "gru_mem"
+  c.eval.baseline_modes = "memagent,gru_mem"
+  # The checks (each pooled over the grid; see eval_report.default_job_checks).
+  c.eval.min_update_acc = 0.95
+  c.eval.min_exit_exact = 0.85
+  c.eval.max_accuracy_drop = 0.01
+  c.eval.min_speedup = 3.0  # tokens processed per example, stage-1 MemAgent / GRU-Mem
   return c

@@ -149,7 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.min_update_acc = 0.95  # check: update-gate accuracy on evidence / non-evidence chunks
   c.eval.min_exit_exact = 0.8  # check: share of exits exactly at the last evidence chunk
   c.eval.max_accuracy_drop = 0.02  # check: GRU-Mem accuracy at most this below MemAgent's
-  c.eval.min_speedup = 3.0  # check: MemAgent time / GRU-Mem time with early evidence
+  c.eval.min_speedup = 3.0  # check: MemAgent / GRU-Mem tokens processed, early evidence
   c.eval.speed_depth = 0.2  # the speed check's cells: evidence within this fraction ...
   c.eval.speed_min_chunks = 32  # ... of documents of at least this many chunks
 

@@ -24,8 +24,10 @@ length 0 ("as in the file"). Each (model, mode) reads them with greedy decoding,
 
 Per cell and run: accuracy (the boxed answer against the gold answers, as r_out), the paper's
 answer metrics over the boxed answers (sub_exact_match: gold in prediction or prediction in
-gold, exact_match, f1; SQuAD normalisation, best over gold answers), wall time
-(sampler compilation excluded: every shape is compiled before the clock starts), chunks read,
+gold, exact_match, f1; SQuAD normalisation, best over gold answers), the work per
+example in tokens (`work_tokens`: prompt tokens prefilled plus tokens generated, summed over every
+turn, the answer turn included; it does not depend on the machine), wall time (machine-dependent;
+sampler compilation excluded: every shape is compiled before the clock starts), chunks read,
 exits early / exact / late relative to the last evidence chunk, the update gate's accuracy on
 evidence and on non-evidence chunks, the format-ok rate and the memory length at every step.
 Gate and exit numbers count only the `examples_with_evidence` (a file whose evidence cannot be
@@ -189,8 +191,17 @@ def run_cell(model: Model, mode: str, config, examples: Sequence, batch_size: in
   return summarize(trajectories, agent_examples, config, mode, seconds)
 
 
+def work_tokens(trajectory) -> tuple[int, int]:
+  """(prompt tokens prefilled, tokens generated) of one trajectory, summed over all its turns,
+  the answer turn included: the tokens the model processed to read and answer."""
+  turns = list(trajectory.turns) + ([trajectory.answer_turn] if trajectory.answer_turn else [])
+  return (sum(len(t.prompt_ids) for t in turns), sum(len(t.response_ids) for t in turns))
+
+
 def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -> dict:
   """The numbers of one (cell, run) from its trajectories (one per example)."""
+  prompt_tokens, generated_tokens = (np.array(x, np.float64).reshape(-1) for x in
+                                     zip(*[work_tokens(t) for t in trajectories]))
   scored = episodes.score_rollout(trajectories, agent_examples, 1, config.rl, mode)
   arrays, metrics = scored.arrays, scored.metrics
   alive = arrays.alive[:, 0]  # [examples, steps]
@@ -207,6 +218,9 @@ def summarize(trajectories, agent_examples, config, mode: str, seconds: float) -
          for key in ("sub_exact_match", "exact_match", "f1")},
       "seconds": seconds,
       "seconds_per_example": seconds / max(len(trajectories), 1),
+      "prompt_tokens": float(prompt_tokens.mean()),  # per example
+      "generated_tokens": float(generated_tokens.mean()),  # per example
+      "work_tokens": float((prompt_tokens + generated_tokens).mean()),  # per example
       "chunks_read": metrics["agent/chunks_read"],
       "num_chunks": float(np.mean([e.chunks.num_chunks for e in agent_examples])),
       "exit_early": metrics["gate/exit_early"],
@@ -255,7 +269,8 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
                                "mode": mode, **summary})
       progress.write(f"[eval] {cell.name} {label}/{mode}: acc {summary['accuracy']:.3f} "
                      f"sub-EM {summary['sub_exact_match']:.3f} F1 {summary['f1']:.3f} "
-                     f"time {summary['seconds']:.1f}s chunks {summary['chunks_read']:.1f}/"
+                     f"tokens/ex {summary['work_tokens']:.0f} time {summary['seconds']:.1f}s "
+                     f"chunks {summary['chunks_read']:.1f}/"
                      f"{summary['num_chunks']:.0f} exact-exit {summary['exit_exact']:.2f}",
                      file=sys.stdout)
       progress.update(1)
@@ -263,7 +278,7 @@ def evaluate(config, models: dict, out_dir: str, command: str = "") -> dict:
   results["checks"] = eval_report.default_job_checks(results["cells"], config.eval)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=float)
-  eval_report.write_report(results, out_dir)
+  eval_report.write_report(results, out_dir, config.eval)
   eval_report.plot_results(results, out_dir)
   return results
 

@@ -11,5 +11,5 @@ WORKDIR="${1:-${GRU_MEM_WORKDIR:-}}"
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" base
 WORKDIR="${WORKDIR:-runs/default}"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-echo "[gru_mem] default job -> $WORKDIR (15-45 minutes on 2 CPU cores, longer when other jobs share them)"
+echo "[gru_mem] default job -> $WORKDIR (its time on 2 CPU cores: README; longer when other jobs share them)"
 python -m gru_mem.default_job --config configs/tiny.py --workdir "$WORKDIR" "$@"

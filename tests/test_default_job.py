@@ -52,11 +52,24 @@ def test_shrunk_default_job_learns_the_update_gate_and_writes_its_report(tmp_pat
                "eval/memory_vs_step.png", "timings.json"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   assert {(c["model"], c["mode"]) for c in results["cells"]} == {
-      ("gru_mem", "memagent"), ("gru_mem", "gru_mem_no_exit"), ("gru_mem", "gru_mem"),
-      ("stage1", "memagent")}
+      ("gru_mem", "gru_mem"), ("stage1", "memagent"), ("stage1", "gru_mem")}
+  assert set(results["checks"]) == {"update_acc_evidence", "update_acc_non_evidence", "exit_exact",
+                                    "accuracy_drop_vs_memagent"}  # no 32-chunk cell: no speed-up
+  with open(os.path.join(workdir, "timings.json")) as f:
+    timings = json.load(f)
+  assert timings["total_cpu_s"] > 0 and timings["rl_cpu_s"] > 0
 
   with open(os.path.join(workdir, "eval", "results.json")) as f:
     written = json.load(f)
   again = default_job.run(shrunk_config(), workdir)  # every stage is found done
   assert again["cells"] == written["cells"]
   assert len(logs.read_metrics(os.path.join(workdir, "rl", logs.METRICS_FILE))) == 8
+
+
+def test_a_stage_stopped_early_stops_the_job(tmp_path, monkeypatch):
+  """SFT that stops before its last step (SIGTERM) must not hand its weights to RL."""
+  calls = []
+  monkeypatch.setattr(default_job.sft, "train_sft", lambda config, folder: calls.append("sft"))
+  monkeypatch.setattr(default_job.train, "train", lambda config, folder: calls.append("rl"))
+  assert default_job.run(shrunk_config(), str(tmp_path / "job")) is None
+  assert calls == ["sft"]

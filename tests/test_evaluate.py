@@ -62,13 +62,27 @@ def test_summary_counts_match_a_hand_count():
   assert summary["examples_alive_by_step"] == [3, 3, 1, 1]
   assert summary["seconds_per_example"] == pytest.approx(1.0)
   assert summary["format_ok"] == pytest.approx(7 / 8)
+  # every turn's prompt and response are 1 token: (2 + 2 + 4 memory turns + 3 answer turns) / 3
+  assert summary["prompt_tokens"] == summary["generated_tokens"] == pytest.approx(11 / 3)
+  assert summary["work_tokens"] == pytest.approx(22 / 3)
+
+
+def test_work_tokens_count_every_prompt_and_response_token_with_the_answer_turn():
+  example = agent_example(4, (1,))
+  turns = [Turn(np.zeros(p, np.int32), np.zeros(r, np.int32), np.zeros(r, np.float32), t, False)
+           for t, (p, r) in enumerate([(10, 3), (12, 5)])]
+  answer = Turn(np.zeros(7, np.int32), np.zeros(2, np.int32), np.zeros(2, np.float32), -1, False)
+  read = Trajectory(0, 0, turns, answer, "7", num_chunks=example.chunks.num_chunks)
+  assert evaluate.work_tokens(read) == (10 + 12 + 7, 3 + 5 + 2)
 
 
 def cell(model, mode, accuracy, seconds, depth=1.0, chunks=8, **gates_and_exits):
   row = {"task": "t", "length": 256 if chunks == 8 else 1024, "evidence_depth": depth,
          "model": model, "mode": mode, "accuracy": accuracy, "seconds": seconds,
          "examples": 10, "num_chunks": chunks, "evidence_chunks": 10, "non_evidence_chunks": 70,
-         "update_acc_evidence": 1.0, "update_acc_non_evidence": 0.0, "exit_exact": 0.0}
+         "update_acc_evidence": 1.0, "update_acc_non_evidence": 0.0, "exit_exact": 0.0,
+         "exit_early": 0.0, "exit_late": 1.0, "chunks_read": chunks,
+         "work_tokens": 150.0 * chunks}
   row.update(gates_and_exits)
   return row
 
@@ -76,19 +90,27 @@ def cell(model, mode, accuracy, seconds, depth=1.0, chunks=8, **gates_and_exits)
 def test_default_job_checks_pool_cells_and_compare_with_the_baseline():
   config = tiny.get_config().eval
   cells = [
-      cell("gru_mem", "gru_mem", 0.80, 2.0, update_acc_non_evidence=0.99, exit_exact=0.9),
-      cell("gru_mem", "gru_mem", 0.90, 1.0, depth=0.2, chunks=32, update_acc_non_evidence=0.90,
-           exit_exact=0.7, non_evidence_chunks=30),
+      cell("gru_mem", "gru_mem", 0.82, 2.0, update_acc_non_evidence=0.99, exit_exact=0.9),
+      cell("gru_mem", "gru_mem", 0.91, 1.0, depth=0.2, chunks=32, update_acc_non_evidence=0.90,
+           exit_exact=0.82, non_evidence_chunks=30, work_tokens=1200.0, chunks_read=5.0),
       cell("stage1", "memagent", 0.86, 4.0),
       cell("stage1", "memagent", 0.88, 5.0, depth=0.2, chunks=32),
   ]
   checks = eval_report.default_job_checks(cells, config)
   assert checks["update_acc_non_evidence"]["value"] == pytest.approx((0.99 * 70 + 0.9 * 30) / 100)
   assert checks["update_acc_non_evidence"]["passed"]
-  assert checks["exit_exact"]["value"] == pytest.approx(0.8) and checks["exit_exact"]["passed"]
-  assert checks["accuracy_drop_vs_memagent"]["value"] == pytest.approx(0.87 - 0.85)
+  assert checks["exit_exact"]["value"] == pytest.approx(0.86) and checks["exit_exact"]["passed"]
+  assert checks["accuracy_drop_vs_memagent"]["value"] == pytest.approx(0.87 - 0.865)
   assert checks["accuracy_drop_vs_memagent"]["passed"]
-  assert checks["speedup_early_evidence"]["value"] == pytest.approx(5.0)  # only the 32-chunk cell
+  # work, not seconds: only the 32-chunk cell, 150 * 32 tokens / 1200 (the wall ratio is 5.0)
+  assert checks["work_speedup_early_evidence"]["value"] == pytest.approx(4.0)
+  assert "chunks read 32.0 vs 5.0 of 32" in checks["work_speedup_early_evidence"]["note"]
+  before = eval_report.pooled_summary(cells, "stage1", "memagent")
+  assert before["accuracy"] == pytest.approx(0.87) and before["seconds"] == pytest.approx(9.0)
+  assert before["work_tokens"] == pytest.approx(150 * (8 + 32) / 2)
+  after = eval_report.pooled_summary(cells, "gru_mem", "gru_mem")
+  assert after["chunks_read"] == pytest.approx((8 + 5) / 2)
+  assert eval_report.pooled_summary(cells, "stage1", "gru_mem") == {}
   cells[0]["accuracy"] = 0.7
   assert not eval_report.default_job_checks(cells, config)["accuracy_drop_vs_memagent"]["passed"]
   assert eval_report.default_job_checks(cells[:2], config) == {}  # no baseline: nothing to check
@@ -139,7 +161,9 @@ def test_evaluate_writes_results_report_and_plots(tmp_path):
     assert json.load(f)["meta"]["command"] == "test"
   for name in ("report.md", "accuracy_vs_length.png", "time_vs_length.png", "memory_vs_step.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
-  assert "| niah_single_1 | 96 |" in (tmp_path / "report.md").read_text()
+  report = (tmp_path / "report.md").read_text()
+  assert "| niah_single_1 | 96 |" in report
+  assert "| stage 1, memagent (the baseline) |" in report and "(after RL) |" in report
 
 
 def test_answer_metrics_and_examples_without_evidence():
