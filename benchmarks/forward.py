@@ -36,6 +36,7 @@ import transformers  # noqa: E402
 
 from gru_mem.model import hf, transformer  # noqa: E402
 from gru_mem.model.config import ModelConfig, preset, to_hf_config  # noqa: E402
+from gru_mem.rl.loss import token_log_probs  # noqa: E402
 
 
 def write_random_hf_folder(config: ModelConfig, folder: str, seed: int = 0) -> None:
@@ -66,10 +67,9 @@ def our_steps(config: ModelConfig, params, tokens: np.ndarray):
   def prefill(p, t):
     return transformer.forward(config, p, t)[0]
 
-  def loss_fn(p, t):
+  def loss_fn(p, t):  # the learner's own token log-probs (rl.loss.token_log_probs)
     logits, _ = transformer.forward(config, p, t)
-    log_probs = jax.nn.log_softmax(logits[:, :-1])
-    return -jnp.take_along_axis(log_probs, t[:, 1:, None], axis=-1).mean()
+    return -token_log_probs(logits[:, :-1], t[:, 1:]).mean()
 
   train = jax.jit(jax.value_and_grad(loss_fn))
   return (lambda: prefill(params, tokens).block_until_ready(),
