@@ -155,6 +155,7 @@ def main(argv=None):
   parser.add_argument("--parts", default=",".join(PARTS))
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (the test's run)")
   parser.add_argument("--name", default="", help="results name (default peers / peers_smoke)")
+  parser.add_argument("--out_dir", default=common.RESULTS_DIR, help="where the JSON goes")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # the folder, in the venv
   args = parser.parse_args(argv)
   parts = args.parts.split(",")
@@ -176,7 +177,7 @@ def main(argv=None):
   figures = {"model": SMOKE_MODEL if args.smoke else MODEL, "model_check": model,
              "venv": args.venv, **summarise(raw), "raw": raw}
   path = common.save_results(args.name or ("peers_smoke" if args.smoke else "peers"), figures,
-                             protocol)
+                             protocol, directory=args.out_dir)
   print(json.dumps({k: v for k, v in figures.items() if k not in ("raw",)}, indent=1))
   print(f"saved {path}")
   return path
