@@ -47,7 +47,7 @@ from gru_mem.rl import learner, optim  # noqa: E402
 FULL = {"decode": {"batches": (1, 16, 64), "prompt": 64, "new": 64},
         "agent": {"rows": 256, "slots": 32, "median": 32, "max_new": 256, "prompts": (96, 128)},
         "learner": {"rows": 8, "prompt": 384, "response": 128}}
-SMOKE = {"decode": {"batches": (1, 4), "prompt": 16, "new": 8},
+SMOKE = {"decode": {"batches": (2,), "prompt": 16, "new": 8},
          "agent": {"rows": 16, "slots": 4, "median": 4, "max_new": 16, "prompts": (12, 16)},
          "learner": {"rows": 2, "prompt": 24, "response": 8}}
 LOSS_RTOL = 1e-4
@@ -146,8 +146,13 @@ def tunix_train_step(model, optimizer, algo_config, eos: int):
   return step, params
 
 
+def compiled_flops(lowered):
+  """XLA's FLOP count of a lowered program (compiles it once more: skipped in --smoke)."""
+  return lowered.compile().cost_analysis().get("flops")
+
+
 def bench_learner(ours_config, ours_params, tunix_model, eos, shape: dict, vocab: int,
-                  repeats: int) -> dict:
+                  repeats: int, count_flops: bool = True) -> dict:
   data = learner_inputs(shape, vocab)
   total = shape["prompt"] + shape["response"]
   settings = learner.LearnerSettings(
@@ -159,8 +164,8 @@ def bench_learner(ours_config, ours_params, tunix_model, eos, shape: dict, vocab
   batch = batch_lib.pack_rows(rows, settings.length_buckets, settings.micro_batch_rows)
   ours_step = learner.make_train_step(ours_config, settings)
   holder = {"ours": learner.create_train_state(ours_params, settings)}
-  ours_flops = learner.lower_train_step(ours_config, settings, None, holder["ours"],
-                                        batch).compile().cost_analysis().get("flops")
+  ours_flops = count_flops and compiled_flops(learner.lower_train_step(
+      ours_config, settings, None, holder["ours"], batch))
 
   algo = dapo_learner.DAPOConfig(epsilon=settings.clip_eps_low,
                                  epsilon_high=settings.clip_eps_high, loss_agg_mode="token-mean",
@@ -175,7 +180,7 @@ def bench_learner(ours_config, ours_params, tunix_model, eos, shape: dict, vocab
       advantages=jnp.asarray(data["advantages"]), ref_per_token_logps=None,
       old_per_token_logps=jnp.asarray(data["old"]))
   holder["tunix"] = (params, optimizer.init(params))
-  tunix_flops = step.lower(*holder["tunix"], example).compile().cost_analysis().get("flops")
+  tunix_flops = count_flops and compiled_flops(step.lower(*holder["tunix"], example))
   first = {}
 
   def ours():
@@ -216,7 +221,7 @@ def measure(model_dir: str, out_path: str, smoke: bool, repeats: int, parts) -> 
     print(f"agent: rows equal {raw['agent']['greedy_rows_equal_fraction']}", flush=True)
   if "learner" in parts:
     raw["learner"] = bench_learner(config, params, tunix_model, eos, shapes["learner"],
-                                   config.vocab_size, repeats)
+                                   config.vocab_size, repeats, count_flops=not smoke)
   with open(out_path, "w") as f:
     json.dump(raw, f)
 
