@@ -46,11 +46,14 @@ MODEL = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers
              num_kv_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=1024)
 
 
-def workload(seed: int = 0):
-  """(prompts, long-tailed limits [ROWS]): lognormal(log median, SIGMA), in [1, MAX_NEW]."""
+def workload(seed: int = 0, rows: int = ROWS, vocab_size: int = MODEL["vocab_size"],
+             median: int = MEDIAN_TOKENS, max_new: int = MAX_NEW, prompt_lengths=(96, 128)):
+  """(prompts, long-tailed limits [rows]): lognormal(log median, SIGMA), in [1, max_new];
+  prompt lengths uniform in prompt_lengths (both ends included)."""
   rng = np.random.RandomState(seed)
-  limits = np.clip(np.round(MEDIAN_TOKENS * rng.lognormal(0.0, SIGMA, ROWS)), 1, MAX_NEW)
-  prompts = [rng.randint(1, MODEL["vocab_size"], n).tolist() for n in rng.randint(96, 129, ROWS)]
+  limits = np.clip(np.round(median * rng.lognormal(0.0, SIGMA, rows)), 1, max_new)
+  prompts = [rng.randint(1, vocab_size, n).tolist()
+             for n in rng.randint(prompt_lengths[0], prompt_lengths[1] + 1, rows)]
   return prompts, limits.astype(np.int32)
 
 

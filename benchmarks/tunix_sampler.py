@@ -49,10 +49,10 @@ class DecimalIdTokenizer:
     return 0
 
 
-def main():
-  with open(sys.argv[1]) as f:
-    job = json.load(f)
-  with open(os.path.join(job["model_dir"], "config.json")) as f:
+def load_model(model_dir: str):
+  """(tunix Qwen2 model, its ModelConfig, eos id) from an HF folder, through tunix's own loader.
+  The eos id is vocab_size: outside the vocabulary, so rows end at their limits only."""
+  with open(os.path.join(model_dir, "config.json")) as f:
     hf = json.load(f)
   config = qwen2_model.ModelConfig(
       num_layers=hf["num_hidden_layers"], vocab_size=hf["vocab_size"],
@@ -61,26 +61,41 @@ def main():
       num_kv_heads=hf["num_key_value_heads"],
       rope_theta=int(hf.get("rope_parameters", hf).get("rope_theta", 1e6)),
       norm_eps=hf["rms_norm_eps"], use_tied_embedding=hf["tie_word_embeddings"])
-  model = qwen2_params.create_model_from_safe_tensors(job["model_dir"], config)
+  return qwen2_params.create_model_from_safe_tensors(model_dir, config), config, hf["vocab_size"]
+
+
+def make_sampler(model, config, eos: int, cache_size: int):
+  """tunix's static sampler with a KV cache of `cache_size` positions."""
+  return sampler_lib.Sampler(
+      model, DecimalIdTokenizer(eos),
+      sampler_lib.CacheConfig(cache_size=cache_size, num_layers=config.num_layers,
+                              num_kv_heads=config.num_kv_heads, head_dim=config.head_dim))
+
+
+def run_batches(sampler, prompts, limits, batch: int, prompt_length: int, eos: int):
+  """Greedy rows (token lists cut to their limits), `batch` prompts per sampler call; each call
+  runs until its longest row's limit."""
+  rows = []
+  for start in range(0, len(prompts), batch):
+    steps = int(np.max(limits[start:start + batch]))
+    out = sampler([" ".join(map(str, p)) for p in prompts[start:start + batch]],
+                  max_generation_steps=steps, max_prompt_length=prompt_length,
+                  eos_tokens=[eos], temperature=0.0)
+    rows += [np.asarray(t)[:limit].tolist()
+             for t, limit in zip(out.tokens, limits[start:start + batch])]
+  return rows
+
+
+def main():
+  with open(sys.argv[1]) as f:
+    job = json.load(f)
+  model, config, eos = load_model(job["model_dir"])
   prompts, limits, batch = job["prompts"], np.asarray(job["limits"]), job["batch"]
   prompt_length = 1 << (max(len(p) for p in prompts) - 1).bit_length()
-  eos = hf["vocab_size"]  # outside the vocabulary: rows end at their limits only
-  sampler = sampler_lib.Sampler(
-      model, DecimalIdTokenizer(eos),
-      sampler_lib.CacheConfig(cache_size=prompt_length + int(limits.max()),
-                              num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
-                              head_dim=config.head_dim))
+  sampler = make_sampler(model, config, eos, prompt_length + int(limits.max()))
 
   def run():
-    rows = []
-    for start in range(0, len(prompts), batch):
-      steps = int(limits[start:start + batch].max())
-      out = sampler([" ".join(map(str, p)) for p in prompts[start:start + batch]],
-                    max_generation_steps=steps, max_prompt_length=prompt_length,
-                    eos_tokens=[eos], temperature=0.0)
-      rows += [np.asarray(t)[:limit].tolist()
-               for t, limit in zip(out.tokens, limits[start:start + batch])]
-    return rows
+    return run_batches(sampler, prompts, limits, batch, prompt_length, eos)
 
   run()  # compiles each batch's shape
   times = []

@@ -1,0 +1,79 @@
+"""benchmarks/peers.py: the random HF Qwen2 it writes decodes non-degenerately (and the same in
+transformers and gru_mem), its summary's ratios are right on a hand-made input, and (where the
+tunix venv exists) its --smoke run measures both sides in one process with equal learner losses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import peers  # noqa: E402
+
+TUNIX_VENV = os.environ.get("GRU_MEM_PEERS_VENV", "/tmp/tunix_venv")
+
+
+def test_written_model_is_not_degenerate_and_decodes_like_transformers(tmp_path):
+  import transformers
+
+  from gru_mem import sampling
+  from gru_mem.model import hf
+  check = peers.write_hf_model(str(tmp_path), peers.SMOKE_MODEL, rows=4, prompt=8, new_tokens=16)
+  scale = str(check["layer_weight_scale"])
+  assert check["distinct_fraction_by_scale"][scale] >= peers.MIN_DISTINCT_FRACTION
+  # the unscaled model is the degenerate one the scaling is there for
+  assert check["distinct_fraction_by_scale"]["1.0"] < peers.MIN_DISTINCT_FRACTION
+  model = transformers.Qwen2ForCausalLM.from_pretrained(str(tmp_path)).eval()
+  biases = model.model.layers[0].self_attn.q_proj.bias.detach().numpy()
+  assert np.abs(biases).min() > 0 and 0.05 < biases.std() < 0.2
+  prompts = np.random.RandomState(1).randint(1, peers.SMOKE_MODEL["vocab_size"], (4, 8)).tolist()
+  theirs = peers.greedy_rows(model, prompts, 16)
+  assert peers.distinct_fraction(theirs) >= peers.MIN_DISTINCT_FRACTION
+  config, params = hf.load_hf_checkpoint(str(tmp_path))
+  ours = sampling.generate(config, params, prompts, 0, sampling.SamplingSettings(
+      max_new_tokens=16, temperature=0.0, batch_buckets=(4,))).tokens
+  assert (ours == theirs).mean() > 0.9
+
+
+def test_summary_ratios_on_a_hand_made_input():
+  raw = {"decode": {"16": {"times_s": {"ours": [1.0, 2.0, 1.0], "tunix": [2.0, 2.0, 3.0]},
+                           "tokens_per_call": 100, "agreement": {"token_fraction": 1.0}}},
+         "agent": {"times_s": {"ours": [2.0, 4.0], "tunix": [8.0, 8.0]}, "rows": 256,
+                   "greedy_rows_equal_fraction": 0.5},
+         "learner": {"times_s": {"ours": [1.0], "tunix": [1.5]}, "rows": 2, "prompt": 3,
+                     "response": 1, "first_step": {}}}
+  out = peers.summarise(raw)
+  decode = out["decode"]["16"]
+  assert decode["ours_over_tunix"]["per_repeat"] == [2.0, 1.0, 3.0]
+  assert decode["ours_over_tunix"]["median"] == 2.0
+  assert decode["ours_tokens_per_s"] == 100.0 and decode["tunix_tokens_per_s"] == 50.0
+  assert out["agent"]["ours_over_tunix"]["median"] == 3.0  # median of 4 and 2
+  assert out["agent"]["ours_rows_per_s"] == 256 / 3.0 and out["agent"]["tunix_rows_per_s"] == 32
+  assert out["learner"]["ours_over_tunix"]["median"] == 1.5
+  assert out["learner"]["ours_tokens_per_s"] == 8.0
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(TUNIX_VENV, "bin", "python")),
+                    reason=f"no tunix venv at {TUNIX_VENV} (make one with benchmarks/peers.py "
+                           "--venv DIR, or set GRU_MEM_PEERS_VENV)")
+def test_smoke_run_in_the_tunix_venv(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/peers.py", "--smoke", "--repeats", "1", "--venv", TUNIX_VENV,
+       "--out_dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=900,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  with open(tmp_path / "peers_smoke.json") as f:
+    figures = json.load(f)
+  for part in figures["decode"].values():
+    assert part["agreement"]["token_fraction"] > 0.9
+    assert part["ours_tokens_per_s"] > 0 and part["tunix_tokens_per_s"] > 0
+  assert figures["agent"]["greedy_rows_equal_fraction"] > 0.9
+  first = figures["learner"]["first_step"]
+  assert first["ours"]["loss"] == pytest.approx(first["tunix"]["loss"], rel=1e-4)
+  assert first["ours"]["grad_norm"] == pytest.approx(first["tunix"]["grad_norm"], rel=1e-4)
+  assert figures["raw"]["child_versions"]["google-tunix"] == "0.1.7"
+  assert figures["protocol"]["repeats_alternate_within_one_process"]
