@@ -17,7 +17,10 @@ from conftest import REPO, tiny_hf_model
 OVERRIDES = ["--config.mesh.fsdp=1", "--config.agent.chunk_tokens=96",
              "--config.agent.memory_tokens=8", "--config.agent.max_response_tokens=6",
              "--config.agent.max_answer_tokens=6", "--config.sampling.prefill_chunk_tokens=256",
-             "--config.sampling.max_batch_rows=4", "--config.sampling.slots=0"]
+             "--config.sampling.max_batch_rows=4", "--config.sampling.slots=0",
+             # one CPU device: the rollout samples with the learner's params and mesh
+             "--config.sampling.mesh.data=0", "--config.sampling.mesh.tensor=0",
+             "--config.sampling.param_dtype=auto"]
 
 
 def paper_config(model_dir: str, hotpot_path: str):
@@ -31,8 +34,11 @@ def paper_config(model_dir: str, hotpot_path: str):
   c.data.num_documents = 2
   for flag in OVERRIDES:  # the same overrides as the command lines below
     key, value = flag.removeprefix("--config.").split("=")
-    section, name = key.split(".")
-    c[section][name] = type(c[section][name])(value)
+    *sections, name = key.split(".")
+    node = c
+    for section in sections:
+      node = node[section]
+    node[name] = type(node[name])(value)
   c.rl.group_size, c.rl.prompts_per_step, c.rl.dynamic_sampling = 2, 1, False
   c.rl.kl_beta, c.rl.compute_entropy = 0.0, False  # fewer programs to compile
   c.optim.micro_batch_rows = 4
