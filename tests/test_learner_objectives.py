@@ -13,6 +13,7 @@ import pytest
 
 import test_learner as T
 from gru_mem.rl import batch as batch_lib
+from gru_mem.model import logprobs
 from gru_mem.rl import learner, loss, optim
 
 UNSAFE = dataclasses.replace(T.SETTINGS, clip_ratio_c=0.0, log_ratio_clamp=0.0, kl_clamp=0.0)
@@ -23,7 +24,9 @@ def old_step(state, batch, config, settings):
   def terms_of(params, micro):
     logits = learner.response_logits(config, params, micro)
     logits32 = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits32, micro.response_tokens[..., None], axis=-1)[..., 0]
+    # the picked logit as the learner takes it (a masked sum; a gather differs in the last bit
+    # of a few gradients, model/logprobs.py)
+    picked = logprobs.pick(logits32, micro.response_tokens)
     logp = picked - jax.nn.logsumexp(logits32, axis=-1)
     mask = micro.response_mask
     log_ratio = jnp.where(mask, logp - micro.old_logprobs, 0.0)

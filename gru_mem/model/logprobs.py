@@ -4,7 +4,8 @@ On XLA CPU a gather of one id per row from a [rows, vocab] array is not fused wi
 around it: picking the sampled token's entry of a [64, 32k] log-softmax took 19 ms where the whole
 log-softmax took 2 (measured), and the gather's gradient is a scatter into a [rows, length, vocab]
 buffer. A masked sum, `sum_v [v == token] * x_v`, picks the same entry exactly (every other term is
-0) and fuses with the reduction; its gradient is the same mask.
+0) and fuses with the reduction; its gradient is the same mask (the values equal the scatter's;
+the fused backward may round a few sums in the last bit differently).
 """
 
 from __future__ import annotations
