@@ -46,7 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.agent.memory_tokens = 1024  # memory cap in tokens (paper: 1024)
   c.agent.max_response_tokens = 1536  # budget of one memory-turn response
   c.agent.max_answer_tokens = 256  # budget of the answer turn
-  c.agent.prompt = "auto"  # auto | paper (instruct models) | compact (built-in tokenizer);
+  c.agent.prompt = "auto"  # auto | paper (instruct models) | compact (built-in tokenizer) |
+  #   minimal (fields only, for a model trained from scratch);
   #   auto: compact for the built-in tokenizer, paper for an HF tokenizer (agent/prompts.py)
   c.agent.prompt_file = ""  # a prompt file of one's own (format: prompts.read_prompt_file)
 

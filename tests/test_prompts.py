@@ -67,6 +67,28 @@ def test_spliced_ids_match_full_text(tokenizer, mode):
       assert answer_ids.tolist() == tokenizer.encode(answer_text)
 
 
+@pytest.mark.parametrize("mode", modes.MODES)
+def test_minimal_prompts_splice_like_full_text_and_are_short(mode):
+  """The `minimal` set: spliced ids equal tokenizing the whole text; the fields come in order;
+  its template adds at most half the compact set's tokens to a turn."""
+  tokenizer = builtin_tokenizer()
+  builder = prompts.PromptBuilder(tokenizer, mode, prompts.MINIMAL)
+  template = prompts.memory_template(mode, prompts.MINIMAL)
+  for question, memory, chunk in FIELDS[:2]:
+    memory_ids, answer_ids = _spliced(builder, tokenizer, question, memory, chunk)
+    memory_text = _full_text(tokenizer, template, question=question, memory=memory, chunk=chunk)
+    answer_text = _full_text(tokenizer, prompts.MINIMAL.answer, question=question, memory=memory)
+    assert memory_ids.tolist() == tokenizer.encode(memory_text)
+    assert answer_ids.tolist() == tokenizer.encode(answer_text)
+    positions = [memory_text.index(f"{name}:\n{field}")
+                 for name, field in (("question", question), ("memory", memory or "none"),
+                                     ("section", chunk))]
+    assert positions == sorted(positions)
+  compact = prompts.PromptBuilder(tokenizer, mode)
+  assert 2 * builder.turn_overhead_tokens <= compact.turn_overhead_tokens
+  assert prompts.choose_prompt_set(tokenizer, "minimal") is prompts.MINIMAL
+
+
 def test_documented_exceptions_differ(tokenizer):
   """A chunk starting with a newline or (Qwen2 only) ending in spaces: same text, other ids."""
   builder = prompts.PromptBuilder(tokenizer)

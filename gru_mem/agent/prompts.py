@@ -8,9 +8,11 @@ Three prompts (the wording is ours; the structure follows GRU-Mem / MemAgent):
 `gru_mem_no_exit` uses the gated prompt unchanged; only the rollout ignores its `<next>` gate.
 
 Prompt sets (`agent.prompt`): `compact` (lower-case, for the built-in tokenizer, whose vocabulary
-has no capitals; empty memory "none") and `paper` (for instruct models and HF tokenizers: the
+has no capitals; empty memory "none"), `paper` (for instruct models and HF tokenizers: the
 problem, the previous memory, "No previous memory" at the start, the section, explicit response
-instructions). `auto` picks `compact` for the built-in tokenizer and `paper` otherwise.
+instructions) and `minimal` (the compact fields and one line naming the response: for a model
+trained from scratch, which learns the format in stage 1). `auto` picks `compact` for the
+built-in tokenizer and `paper` otherwise.
 `agent.prompt_file` reads a user's set (`read_prompt_file`, format in its docstring).
 
 Each prompt is one user message, put through the tokenizer's chat template when it has one (with
@@ -69,6 +71,15 @@ ANSWER_TEMPLATE = (
     "think briefly, then write the final answer inside \\boxed{{}}.")
 
 
+# `minimal`: the fields and one line naming the response, no instructions. For a model trained
+# from scratch (the default job): stage 1 teaches it the format, and instructions it cannot read
+# would be ~110 of a gated turn's ~240 tokens in every rollout, learner row and SFT row.
+_MINIMAL_INPUTS = "question:\n{question} \n\nmemory:\n{memory} \n\nsection:\n{chunk} \n\n"
+MINIMAL_GATED_TEMPLATE = _MINIMAL_INPUTS + "respond with think, check, update and next."
+MINIMAL_MEMAGENT_TEMPLATE = _MINIMAL_INPUTS + "respond with the new memory only."
+MINIMAL_ANSWER_TEMPLATE = ("question:\n{question} \n\nmemory:\n{memory} \n\n"
+                           "write the final answer inside \\boxed{{}}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptSet:
@@ -112,7 +123,10 @@ PAPER = PromptSet(
         "Think it through briefly, then give the final answer inside \\boxed{{}}, for example "
         "\\boxed{{Paris}}."),
     empty_memory="No previous memory")
-PROMPT_SETS = {"compact": COMPACT, "paper": PAPER}
+MINIMAL = PromptSet("minimal", MINIMAL_GATED_TEMPLATE, MINIMAL_MEMAGENT_TEMPLATE,
+                    MINIMAL_ANSWER_TEMPLATE, EMPTY_MEMORY)
+
+PROMPT_SETS = {"compact": COMPACT, "paper": PAPER, "minimal": MINIMAL}
 PROMPT_CHOICES = ("auto",) + tuple(PROMPT_SETS)
 MEMORY_FIELDS = ("question", "memory", "chunk")
 ANSWER_FIELDS = ("question", "memory")
