@@ -31,8 +31,8 @@ Shapes lowered (compile time on CPU hardly depends on them, so the defaults are 
 learner micro-batch = optim.micro_batch_rows rows of the bucket of chunk + memory + question
 allowance + response tokens; sampler rows = the rollout batch (prompts x group) capped at
 sampling.slots (continuous batching: the decode slots, and the first prefill group that fills
-them) or, with slots=0, at sampling.max_batch_rows; prompts of the bucket of chunk + memory +
-question allowance.
+them) or, with slots=0, at sampling.max_batch_rows; prompts of the sampling.length_buckets bucket
+of chunk + memory + question allowance.
 """
 
 from __future__ import annotations
@@ -59,13 +59,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gru_mem import dry_run_sampler, parallel, runtime, sampling
 from gru_mem import settings as run_settings
-from gru_mem.buckets import smallest_bucket
+from gru_mem.buckets import QUESTION_ALLOWANCE_TOKENS, smallest_bucket
 from gru_mem.model import transformer
 from gru_mem.model.config import ModelConfig
 from gru_mem.rl import batch as rl_batch
 from gru_mem.rl import learner, optim
 
-QUESTION_ALLOWANCE_TOKENS = 512  # question + prompt template around chunk and memory
 GIB = 2 ** 30
 
 
@@ -138,7 +137,8 @@ def default_shapes(config, settings: learner.LearnerSettings, mesh, shards: int 
       sampler_batch=dry_run_sampler.sampler_rows(
           config.rl.prompts_per_step * config.rl.group_size, config.sampling.slots,
           config.sampling.max_batch_rows, sampler_settings.batch_buckets, shards),
-      sampler_prompt=smallest_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
+      sampler_prompt=smallest_bucket(prompt, run_settings.sampling_length_buckets(config),
+                                     "a sampler prompt"),
       sampler_new_tokens=a.max_response_tokens,
       sampler_prefill_chunk=config.sampling.prefill_chunk_tokens)
 
