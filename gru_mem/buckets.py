@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 DEFAULT_LENGTH_BUCKETS = tuple(2 ** i for i in range(6, 16))  # 64 ... 32768
-QUESTION_ALLOWANCE_TOKENS = 512  # a memory turn's question + prompt template around chunk and memory
+QUESTION_ALLOWANCE_TOKENS = 512  # a memory turn's question + template around chunk and memory
 
 
 def budget_buckets(budget: int, step: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS

@@ -14,6 +14,12 @@ iteration) and returns, per device (SPMD-partitioned shapes are per-device shape
                       the loop: (name, result bytes, where);
   in_loop_weight_gather_bytes  their results per iteration (weights gathered anew every step).
 
+`loop_arrays_of_shape(text, dims)` counts the ops of the decode loop (its body, nested loops and
+fusions, times their trip counts) whose result is an array of per-device dims `dims`, by opcode:
+with dims = the stacked KV cache's, a `copy`, `broadcast` or `transpose` there is a copy of the
+whole cache written at every token step (an in-place `dynamic-update-slice` or `scatter` writes
+only its slots).
+
 "Derived from the weights alone": a parameter among the first n, or an op all of whose non-scalar
 operands are (scalars are indices and loop counters: a dynamic-slice of a weight at a layer index
 is still a weight); through a while, a carried value that the body passes on unchanged.
@@ -267,3 +273,34 @@ def decode_loop_report(text: str, weight_params: int) -> dict:
       "in_loop_weight_gather_bytes": sum(c.bytes * c.times for c in walker.found if c.in_loop
                                          and c.kind == "all-gather" and c.of_weights),
   }
+
+
+def _called_computations(ins: Instruction) -> list:
+  names = []
+  for key in ("calls", "to_apply", "body", "condition", "branch_computations"):
+    for match in re.findall(rf"\b{key}=\{{?([%\w.\-, ]+)\}}?", ins.attributes):
+      names += re.findall(r"[\w.\-]+", match)
+  return names
+
+
+def loop_arrays_of_shape(text: str, dims) -> dict:
+  """{opcode: executions per decode-loop iteration} of the loop's ops with result dims `dims`
+  (any dtype); see the module docstring."""
+  computations, entry = parse_module(text)
+  loops = [i for i in computations[entry] if i.opcode == "while"]
+  if len(loops) != 1:
+    raise ValueError(f"expected one while loop in the entry computation, found {len(loops)}")
+  wanted = ",".join(str(int(d)) for d in dims)
+  counts: dict = {}
+  stack = [(loops[0].called("body"), 1), (loops[0].called("condition"), 1)]
+  while stack:
+    name, times = stack.pop()
+    for ins in computations.get(name, []):
+      inner = times * (trip_count(ins) or 1) if ins.opcode == "while" else times
+      stack += [(called, inner) for called in _called_computations(ins)]
+      if ins.opcode in ("parameter", "get-tuple-element", "tuple", "bitcast", "while",
+                        "fusion") or ins.shape.startswith("("):
+        continue
+      if any(d == wanted for _, d in _ARRAY.findall(ins.shape)):
+        counts[ins.opcode] = counts.get(ins.opcode, 0) + times
+  return counts

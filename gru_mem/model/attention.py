@@ -130,7 +130,8 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
   buffer (no copy of the layer; blocks it skips are not read), the others index k[layer].
   Returns [batch, q_len, heads, head_dim] in v's dtype.
   """
-  if layer is not None and implementation_for(implementation, q, k.shape[2], query_offset) != "chunked":
+  if layer is not None and implementation_for(implementation, q, k.shape[2],
+                                              query_offset) != "chunked":
     k, v, layer = k[layer], v[layer], None
   if layer is not None:
     if k.shape != v.shape or k.shape[1] != q.shape[0] or key_valid.shape != k.shape[1:3]:
