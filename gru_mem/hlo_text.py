@@ -14,11 +14,11 @@ iteration) and returns, per device (SPMD-partitioned shapes are per-device shape
                       the loop: (name, result bytes, where);
   in_loop_weight_gather_bytes  their results per iteration (weights gathered anew every step).
 
-`loop_arrays_of_shape(text, dims)` counts the ops of the decode loop (its body, nested loops and
-fusions, times their trip counts) whose result is an array of per-device dims `dims`, by opcode:
-with dims = the stacked KV cache's, a `copy`, `broadcast` or `transpose` there is a copy of the
-whole cache written at every token step (an in-place `dynamic-update-slice` or `scatter` writes
-only its slots).
+`loop_arrays_of_shape(text, dims)` counts the buffers the decode loop materialises (ops of its
+body and nested loops, times their trip counts; a fusion counts once, by its root op) whose
+result is an array of per-device dims `dims`: with dims = the stacked KV cache's, a copy,
+broadcast, transpose or convert there is a whole cache written at every token step (an in-place
+`dynamic-update-slice` or `scatter` writes only its slots).
 
 "Derived from the weights alone": a parameter among the first n, or an op all of whose non-scalar
 operands are (scalars are indices and loop counters: a dynamic-slice of a weight at a layer index
@@ -275,17 +275,12 @@ def decode_loop_report(text: str, weight_params: int) -> dict:
   }
 
 
-def _called_computations(ins: Instruction) -> list:
-  names = []
-  for key in ("calls", "to_apply", "body", "condition", "branch_computations"):
-    for match in re.findall(rf"\b{key}=\{{?([%\w.\-, ]+)\}}?", ins.attributes):
-      names += re.findall(r"[\w.\-]+", match)
-  return names
-
-
 def loop_arrays_of_shape(text: str, dims) -> dict:
-  """{opcode: executions per decode-loop iteration} of the loop's ops with result dims `dims`
-  (any dtype); see the module docstring."""
+  """{op: executions per decode-loop iteration} of the buffers the loop materialises with
+  per-device dims `dims` (any dtype); see the module docstring. Walks the loop's body and
+  condition, nested whiles (times their trip counts), calls and conditional branches, but not
+  into fusions: a fusion is one op named by its root, e.g. "fusion(scatter)" (a convert or
+  slice inside a fusion is computed per output element, not materialised)."""
   computations, entry = parse_module(text)
   loops = [i for i in computations[entry] if i.opcode == "while"]
   if len(loops) != 1:
@@ -296,11 +291,20 @@ def loop_arrays_of_shape(text: str, dims) -> dict:
   while stack:
     name, times = stack.pop()
     for ins in computations.get(name, []):
-      inner = times * (trip_count(ins) or 1) if ins.opcode == "while" else times
-      stack += [(called, inner) for called in _called_computations(ins)]
+      if ins.opcode == "while":
+        inner = times * (trip_count(ins) or 1)
+        stack += [(ins.called("body"), inner), (ins.called("condition"), inner)]
+      elif ins.opcode in ("call", "conditional", "async-start"):
+        for called in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%?([\w.\-, %]+)",
+                                 ins.attributes):
+          stack += [(c, times) for c in re.findall(r"[\w.\-]+", called)]
       if ins.opcode in ("parameter", "get-tuple-element", "tuple", "bitcast", "while",
-                        "fusion") or ins.shape.startswith("("):
+                        "conditional", "call") or ins.shape.startswith("("):
         continue
       if any(d == wanted for _, d in _ARRAY.findall(ins.shape)):
-        counts[ins.opcode] = counts.get(ins.opcode, 0) + times
+        op = ins.opcode
+        if op == "fusion":
+          fused = computations.get(ins.called("calls"), [])
+          op = f"fusion({fused[-1].opcode if fused else '?'})"
+        counts[op] = counts.get(op, 0) + times
   return counts

@@ -322,4 +322,4 @@ def test_decode_loop_writes_the_cache_in_place_with_columns_fitted_to_the_prompt
   layers, kv, d = config.num_layers, config.num_kv_heads, config.head_dim
   assert report["cache_dims_per_device"] == [layers, rows, columns, kv, d]
   assert report["kv_cache_bytes"] == 2 * layers * rows * columns * kv * d * 4
-  assert report["loop_ops_of_cache_shape"] == {"scatter": 2 * layers}
+  assert report["loop_ops_of_cache_shape"] == {"fusion(scatter)": 2 * layers}  # in place
