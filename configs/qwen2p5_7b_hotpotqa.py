@@ -34,7 +34,7 @@ from gru_mem import defaults as base
 
 # mesh sizes and learner rows per micro-batch (a multiple of data * fsdp) for each target
 # and the rollout: its mesh, its decode slots (the sampler batch the freed memory allows: the
-# dry run's sampler peak with the train state is 59 GiB of an H100's 80 at 128 slots, 48 GiB of
+# dry run's sampler peak with the train state is 45 GiB of an H100's 80 at 128 slots, 35 GiB of
 # a v5p chip's 95 at 512) and the chip of the dry run's roofline.
 TARGETS = {
     "h100x8": dict(mesh=dict(data=-1, fsdp=8, tensor=1), micro_batch_rows=8, chip="h100",
