@@ -2,8 +2,8 @@
 
 The paper config (configs/qwen2p5_7b_hotpotqa.py, target h100x8: fsdp=8, 8 rows per micro-batch,
 bfloat16 matmuls, scanned layers, full remat) is compiled ahead of time on 8 fake CPU devices
-with `gru_mem.dry_run`'s public pieces (abstract train state and batch, `compile_train_step`), as
-the dry run does; nothing is allocated. Per (attention, row length) it records XLA's memory
+with `gru_mem.dry_run_learner.learner_memory` (what the dry run compiles); nothing is
+allocated. Per (attention, row length) it records XLA's memory
 analysis and the learner's peak per device:
   peak = arguments + outputs - aliased (the donated state) + temporaries + reference params.
 
@@ -47,7 +47,8 @@ def main():
   count = dry_run.mesh_device_count(config.mesh)
   devices = dry_run.fake_cpu_devices(count)  # before anything starts a JAX backend
 
-  from gru_mem import parallel, settings as run_settings  # pylint: disable=import-outside-toplevel
+  from gru_mem import dry_run_learner, parallel  # pylint: disable=import-outside-toplevel
+  from gru_mem import settings as run_settings  # pylint: disable=import-outside-toplevel
   base_model, model_source = dry_run.dry_run_model_config(config)
   settings = run_settings.learner_settings(config)
   mesh = parallel.mesh_from_config(config.mesh, devices=devices)
@@ -59,37 +60,18 @@ def main():
   for length in (int(x) for x in args.lengths.split(",")):
     dims = dataclasses.replace(shapes, length=length)
     for implementation in args.implementations.split(","):
-      model_config = base_model.replace(attention=implementation)
-      state = dry_run.abstract_train_state(model_config, settings, mesh)
-      batch = dry_run.abstract_batch(dims, mesh, with_ref=bool(settings.kl_beta))
-      compiled, seconds = dry_run.compile_train_step(model_config, settings, mesh, state, batch)
-      stats = compiled.memory_analysis()
-      memory = {name: int(getattr(stats, f"{name}_size_in_bytes"))
-                for name in ("argument", "output", "alias", "temp")}
-      reference = dry_run.bytes_per_device(state.params) if settings.kl_beta else 0
-      peak = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + reference
+      memory = dry_run_learner.learner_memory(base_model.replace(attention=implementation),
+                                              settings, mesh, dims)
+      peak = memory["learner_peak_bytes_per_device"]
       row = {"attention": implementation, "length": length, "response": dims.response,
-             "rows_per_micro_batch": dims.rows, "rows_per_device": rows_per_device,
-             **{f"{k}_bytes": v for k, v in memory.items()},
-             "reference_bytes_per_device": reference,
-             "learner_peak_bytes_per_device": peak,
-             "learner_peak_gib": round(peak / GIB, 2), "temp_gib": round(memory["temp"] / GIB, 2),
-             "fits_80gb_h100": peak < H100_BYTES, "compile_s": round(seconds, 1)}
+             "rows_per_micro_batch": dims.rows, "rows_per_device": rows_per_device, **memory,
+             "learner_peak_gib": round(peak / GIB, 2),
+             "temp_gib": round(memory["temp_bytes"] / GIB, 2),
+             "fits_80gb_h100": peak < H100_BYTES}
       print(row, flush=True)
       results.append(row)
 
-  by = {(r["attention"], r["length"]): r for r in results}
-  summary = {}
-  for length in sorted({r["length"] for r in results}):
-    if ("xla", length) in by and ("chunked", length) in by:
-      saved = by[("xla", length)]["temp_bytes"] - by[("chunked", length)]["temp_bytes"]
-      summary[length] = {
-          "xla_peak_gib": by[("xla", length)]["learner_peak_gib"],
-          "chunked_peak_gib": by[("chunked", length)]["learner_peak_gib"],
-          "temp_saved_by_chunked_gib": round(saved / GIB, 2),
-          "share_of_xla_temp_saved": round(saved / by[("xla", length)]["temp_bytes"], 3),
-          # cuDNN path: one [rows/device, 1, length, length] bfloat16 bias from the mask
-          "cudnn_mask_bias_bytes_per_device": rows_per_device * length * length * 2}
+  summary = dry_run_learner.compare_implementations(results, rows_per_device)
   print(summary)
   path = common.save_results("attention_dry_run", {
       "config": f"configs/qwen2p5_7b_hotpotqa.py:{args.target}", "model_source": model_source,

@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ("mesh", "param_dtype", "rows", "cache_columns", "weight_bytes", "kv_cache_bytes",
         "decode_carry_bytes", "bytes_per_token_step", "loop_weight_bytes", "collectives_per_token_step",
         "collectives_outside_loop", "weight_gathers", "sampler_peak_bytes", "roofline",
-        "decode_compile_s")
+        "decode_compile_s", "decode_memory", "cache_dims_per_device", "loop_ops_of_cache_shape")
 
 
 def dry_run(config: str, extra: list) -> dict:

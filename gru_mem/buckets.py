@@ -10,6 +10,22 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 DEFAULT_LENGTH_BUCKETS = tuple(2 ** i for i in range(6, 16))  # 64 ... 32768
+QUESTION_ALLOWANCE_TOKENS = 512  # a memory turn's question + template around chunk and memory
+
+
+def budget_buckets(budget: int, step: int, buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS
+                   ) -> tuple[int, ...]:
+  """`buckets` plus one bucket fitted to a known longest size: ceil(budget / step) * step.
+
+  A GRU-Mem memory turn's prompt is at most chunk + memory + question allowance tokens (6536 in
+  the paper's setting); among powers of two it pads to 8192, so a KV cache read at every decode
+  step would carry ~20% padding columns. With step = the prefill chunk (a multiple of it keeps
+  the chunked prefill) the fitted bucket is 6656. Longer inputs still find the larger buckets.
+  """
+  if budget < 1 or step < 1:
+    raise ValueError(f"budget_buckets(budget={budget}, step={step}): both must be >= 1")
+  fitted = -(-budget // step) * step
+  return tuple(sorted(set(int(b) for b in buckets) | {fitted}))
 
 
 def check_buckets(buckets: Sequence[int], name: str = "length_buckets") -> tuple[int, ...]:

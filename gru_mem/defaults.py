@@ -57,6 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sampling.top_k = 0  # 0 disables top-k filtering
   c.sampling.eval_temperature = 0.0  # evaluation decodes greedily
   c.sampling.prefill_chunk_tokens = 2048  # prefill long prompts this many tokens at a time
+  c.sampling.length_buckets = ""  # comma-separated padded prompt lengths ("": powers of two
+  #   from 64); a paper config adds one fitted to its prompt budget (buckets.budget_buckets)
   c.sampling.max_batch_rows = 256  # rows per sampler call (more are split into several calls)
   c.sampling.slots = 256  # continuous batching through this many decode slots (0: static batches)
   c.sampling.param_dtype = "auto"  # the rollout copy's weights: auto (bfloat16 on an accelerator,

@@ -8,7 +8,9 @@ r"""Dry run: the config's model on the config's mesh, compiled ahead of time; no
 Parameters, optimizer state and batches are `jax.ShapeDtypeStruct`s that carry their shardings
 (`parallel.param_shardings`, `optimizer_state_shardings`, the batch split over data/fsdp); the
 train step is lowered and compiled for them, and the compiled executables' `memory_analysis()`
-gives the temporaries (activations, gradients) per device. The sampler (`dry_run_sampler`) is
+gives the temporaries (activations, gradients) per device, and attention's share of them
+(`dry_run_learner.attention_report`: one layer's attention compiled alone). The sampler
+(`dry_run_sampler`) is
 compiled as a rollout runs it, prefill and decode loop, with the rollout copy's layout
 (`sampling.param_dtype`, `sampling.mesh`) and, beside it, with the learner's float32 params on
 the learner's mesh: weight and KV cache bytes, the collectives of the decode loop per token step
@@ -31,8 +33,8 @@ Shapes lowered (compile time on CPU hardly depends on them, so the defaults are 
 learner micro-batch = optim.micro_batch_rows rows of the bucket of chunk + memory + question
 allowance + response tokens; sampler rows = the rollout batch (prompts x group) capped at
 sampling.slots (continuous batching: the decode slots, and the first prefill group that fills
-them) or, with slots=0, at sampling.max_batch_rows; prompts of the bucket of chunk + memory +
-question allowance.
+them) or, with slots=0, at sampling.max_batch_rows; prompts of the sampling.length_buckets bucket
+of chunk + memory + question allowance.
 """
 
 from __future__ import annotations
@@ -47,25 +49,20 @@ import math
 import os
 import platform
 import sys
-import time
 from typing import Any, Optional
 
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gru_mem import dry_run_sampler, parallel, runtime, sampling
+from gru_mem import dry_run_learner, dry_run_sampler, parallel, runtime, sampling
 from gru_mem import settings as run_settings
-from gru_mem.buckets import smallest_bucket
+from gru_mem.buckets import QUESTION_ALLOWANCE_TOKENS, smallest_bucket
 from gru_mem.model import transformer
 from gru_mem.model.config import ModelConfig
-from gru_mem.rl import batch as rl_batch
-from gru_mem.rl import learner, optim
+from gru_mem.rl import learner
 
-QUESTION_ALLOWANCE_TOKENS = 512  # question + prompt template around chunk and memory
 GIB = 2 ** 30
 
 
@@ -138,7 +135,8 @@ def default_shapes(config, settings: learner.LearnerSettings, mesh, shards: int 
       sampler_batch=dry_run_sampler.sampler_rows(
           config.rl.prompts_per_step * config.rl.group_size, config.sampling.slots,
           config.sampling.max_batch_rows, sampler_settings.batch_buckets, shards),
-      sampler_prompt=smallest_bucket(prompt, sampler_settings.length_buckets, "a sampler prompt"),
+      sampler_prompt=smallest_bucket(prompt, run_settings.sampling_length_buckets(config),
+                                     "a sampler prompt"),
       sampler_new_tokens=a.max_response_tokens,
       sampler_prefill_chunk=config.sampling.prefill_chunk_tokens)
 
@@ -147,46 +145,9 @@ _abstract = dry_run_sampler.abstract
 bytes_per_device = dry_run_sampler.bytes_per_device
 
 
-def abstract_train_state(model_config: ModelConfig, settings: learner.LearnerSettings, mesh
-                         ) -> learner.TrainState:
-  """The TrainState as ShapeDtypeStructs with `learner.state_shardings`; allocates nothing."""
-  shardings = learner.state_shardings(model_config, settings, mesh)
-  params = nn.meta.unbox(transformer.abstract_params(model_config))
-  opt_state = jax.eval_shape(optim.make_optimizer(settings).init, params)
-  step = jax.ShapeDtypeStruct((), jnp.int32)
-  return _abstract(learner.TrainState(params, opt_state, step), shardings)
-
-
-def abstract_batch(shapes: DryRunShapes, mesh, with_ref: bool) -> rl_batch.Batch:
-  """One micro-batch laid out as `learner.shard_batch` places it (rows over data/fsdp)."""
-  split = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
-  rows, length, response = shapes.rows, shapes.length, shapes.response
-
-  def array(shape, dtype):
-    return jax.ShapeDtypeStruct((1, rows, *shape), dtype, sharding=split)
-
-  return rl_batch.Batch(
-      tokens=array((length,), jnp.int32), input_mask=array((length,), jnp.bool_),
-      predict_positions=array((response,), jnp.int32),
-      response_tokens=array((response,), jnp.int32), response_mask=array((response,), jnp.bool_),
-      advantages=array((), jnp.float32), old_logprobs=array((response,), jnp.float32),
-      ref_logprobs=array((response,), jnp.float32) if with_ref else None,
-      num_rows=jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())))
-
-
-# ----------------------------------------------------------------------------- compiles
-
-
-def compile_train_step(model_config: ModelConfig, settings: learner.LearnerSettings, mesh,
-                       state: learner.TrainState, batch: rl_batch.Batch):
-  """(compiled train step, seconds to lower + compile): the very jitted function that
-  `learner.make_train_step` runs (donation, output shardings), traced under
-  `parallel.activate(mesh)` so the model's activation constraints are in the program."""
-  step = learner.train_step_jit(model_config, settings, mesh)
-  start = time.perf_counter()
-  with parallel.activate(mesh):
-    compiled = step.lower(state, batch).compile()
-  return compiled, time.perf_counter() - start
+abstract_train_state = dry_run_learner.abstract_train_state
+abstract_batch = dry_run_learner.abstract_batch
+compile_train_step = dry_run_learner.compile_train_step
 
 
 # ----------------------------------------------------------------------------- the report
@@ -234,6 +195,8 @@ def run(config, devices: Optional[int] = None, shapes: Optional[dict] = None,
       report["learner_peak_bytes_per_device"] = (
           memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
           + report["reference_bytes_per_device"])
+      report["attention"] = dry_run_learner.attention_report(model_config, mesh, dims.rows,
+                                                             dims.length, memory["temp"])
   if sampler:
     report.update(sampler_report(config, layout, state, dims, report, learner_layout))
   report["environment"] = {"machine": platform.machine(), "python": platform.python_version(),
@@ -316,6 +279,12 @@ def format_report(report: dict) -> str:
   for key, what in _BYTE_LINES:
     if key in report:
       lines.append(f"  {key:<32} {report[key]:>15}  {report[key] / GIB:8.2f} GiB  {what}")
+  if "attention" in report:
+    a = report["attention"]
+    lines.append(f"  attention ({a['implementation']}, runs {a['resolved']} here): one layer's "
+                 f"forward + backward holds {a['attention_temp_bytes'] / GIB:.2f} GiB = "
+                 f"{a['share_of_learner_temp']:.1%} of the train step temporaries (xla: "
+                 f"{a['xla_attention_temp_bytes'] / GIB:.2f} GiB)")
   for key, name in (("rollout", "sampler, rollout layout"),
                     ("learner_layout", "sampler, learner layout (the learner's params as they are)")):
     if key in report:

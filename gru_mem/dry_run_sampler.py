@@ -14,6 +14,11 @@ the given parameters (ShapeDtypeStructs with shardings) on the given mesh, and r
                        before the loop, as its dots run in float32; an accelerator reads them as
                        stored), plus the weights the loop gathers anew at every step;
   loop_weight_bytes    the part of that carry derived from the weights alone;
+  loop_ops_of_cache_shape  {opcode: per token step} of the loop's ops whose result has the
+                       stacked cache's per-device dims (`hlo_text.loop_arrays_of_shape`): a copy,
+                       broadcast or transpose is a whole-cache copy per step beyond the carry
+                       (none since the layers carry the cache in place; XLA's CPU backend still
+                       converts a bfloat16 cache to float32 around each per-slot scatter);
   collectives_per_token_step / collectives_outside_loop: {kind: {count, bytes}} from the HLO;
   weight_gathers       all-gathers of a weight (gru_mem.hlo_text), in or out of the loop;
   sampler_peak_bytes   train state + the rollout copy + the decode (or prefill) program's
@@ -170,7 +175,10 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
   weight_bytes = bytes_per_device(params)
   state_bytes = bytes_per_device(state)
   compiled, decode_s = compile_decode(config, params, state, mesh, spec, slots)
-  loop = hlo_text.decode_loop_report(compiled.as_text(), len(jax.tree.leaves(params)))
+  text = compiled.as_text()
+  loop = hlo_text.decode_loop_report(text, len(jax.tree.leaves(params)))
+  cache_k = state["cache"]["k"]
+  cache_dims = cache_k.sharding.shard_shape(cache_k.shape)
   decode_memory = memory(compiled)
   resident = train_state_bytes + copy_bytes
   report: dict[str, Any] = {
@@ -189,6 +197,8 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
       "weight_gathers": {"count": len(loop["weight_gathers"]),
                          "in_loop": sum(g["in_loop"] for g in loop["weight_gathers"]),
                          "bytes": sum(g["bytes"] for g in loop["weight_gathers"])},
+      "cache_dims_per_device": list(cache_dims),
+      "loop_ops_of_cache_shape": hlo_text.loop_arrays_of_shape(text, cache_dims),
       "decode_compile_s": round(decode_s, 2),
       "decode_memory": decode_memory,
   }
@@ -251,7 +261,10 @@ def format_layout(name: str, report: dict, gib: float = 2 ** 30) -> list:
     lines.append(f"  {'sampler_peak_bytes':<32} {report['sampler_peak_bytes']:>15}  "
                  f"{report['sampler_peak_bytes'] / gib:8.2f} GiB  with the train state")
   gathers = report["weight_gathers"]
-  lines += [f"  collectives per token step: {collectives(loop)}",
+  ops = report.get("loop_ops_of_cache_shape", {})
+  lines += [f"  ops per token step with the cache's shape {report.get('cache_dims_per_device')}: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(ops.items())) or "none"),
+            f"  collectives per token step: {collectives(loop)}",
             f"  collectives outside the loop: {collectives(outside)}",
             f"  weight all-gathers: {gathers['count']} ({gathers['in_loop']} in the loop, "
             f"{gathers['bytes'] / gib:.2f} GiB)"]

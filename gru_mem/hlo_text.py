@@ -14,6 +14,12 @@ iteration) and returns, per device (SPMD-partitioned shapes are per-device shape
                       the loop: (name, result bytes, where);
   in_loop_weight_gather_bytes  their results per iteration (weights gathered anew every step).
 
+`loop_arrays_of_shape(text, dims)` counts the buffers the decode loop materialises (ops of its
+body and nested loops, times their trip counts; a fusion counts once, by its root op) whose
+result is an array of per-device dims `dims`: with dims = the stacked KV cache's, a copy,
+broadcast, transpose or convert there is a whole cache written at every token step (an in-place
+`dynamic-update-slice` or `scatter` writes only its slots).
+
 "Derived from the weights alone": a parameter among the first n, or an op all of whose non-scalar
 operands are (scalars are indices and loop counters: a dynamic-slice of a weight at a layer index
 is still a weight); through a while, a carried value that the body passes on unchanged.
@@ -267,3 +273,38 @@ def decode_loop_report(text: str, weight_params: int) -> dict:
       "in_loop_weight_gather_bytes": sum(c.bytes * c.times for c in walker.found if c.in_loop
                                          and c.kind == "all-gather" and c.of_weights),
   }
+
+
+def loop_arrays_of_shape(text: str, dims) -> dict:
+  """{op: executions per decode-loop iteration} of the buffers the loop materialises with
+  per-device dims `dims` (any dtype); see the module docstring. Walks the loop's body and
+  condition, nested whiles (times their trip counts), calls and conditional branches, but not
+  into fusions: a fusion is one op named by its root, e.g. "fusion(scatter)" (a convert or
+  slice inside a fusion is computed per output element, not materialised)."""
+  computations, entry = parse_module(text)
+  loops = [i for i in computations[entry] if i.opcode == "while"]
+  if len(loops) != 1:
+    raise ValueError(f"expected one while loop in the entry computation, found {len(loops)}")
+  wanted = ",".join(str(int(d)) for d in dims)
+  counts: dict = {}
+  stack = [(loops[0].called("body"), 1), (loops[0].called("condition"), 1)]
+  while stack:
+    name, times = stack.pop()
+    for ins in computations.get(name, []):
+      if ins.opcode == "while":
+        inner = times * (trip_count(ins) or 1)
+        stack += [(ins.called("body"), inner), (ins.called("condition"), inner)]
+      elif ins.opcode in ("call", "conditional", "async-start"):
+        for called in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%?([\w.\-, %]+)",
+                                 ins.attributes):
+          stack += [(c, times) for c in re.findall(r"[\w.\-]+", called)]
+      if ins.opcode in ("parameter", "get-tuple-element", "tuple", "bitcast", "while",
+                        "conditional", "call") or ins.shape.startswith("("):
+        continue
+      if any(d == wanted for _, d in _ARRAY.findall(ins.shape)):
+        op = ins.opcode
+        if op == "fusion":
+          fused = computations.get(ins.called("calls"), [])
+          op = f"fusion({fused[-1].opcode if fused else '?'})"
+        counts[op] = counts.get(op, 0) + times
+  return counts

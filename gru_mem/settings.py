@@ -23,6 +23,7 @@ from gru_mem import defaults, parallel, rollout_weights, sampling
 from gru_mem.agent import modes, prompts
 from gru_mem.agent.rollout import RolloutSettings
 from gru_mem.agent.scripted import ScriptSettings
+from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, check_buckets
 from gru_mem.data import sources
 from gru_mem.rl import learner
 
@@ -31,13 +32,22 @@ SFT_LENGTH_BUCKETS = tuple(range(32, 1024 + 1, 32)) + tuple(2 ** i for i in rang
 SFT_INITS = ("model", "fan_in")
 
 
-def parse_length_buckets(text) -> tuple[int, ...]:
+def parse_length_buckets(text, key: str = "optim.length_buckets") -> tuple[int, ...]:
   """optim.length_buckets "64,128,256" -> (64, 128, 256); the learner checks the order."""
   try:
     return tuple(int(b) for b in str(text).split(","))
   except ValueError:
-    raise ValueError(f"optim.length_buckets={text!r}: give increasing row lengths separated by "
+    raise ValueError(f"{key}={text!r}: give increasing row lengths separated by "
                      "commas, e.g. '64,128,256', or '' for powers of two") from None
+
+
+def sampling_length_buckets(config) -> tuple[int, ...]:
+  """sampling.length_buckets as a checked tuple ("": `buckets.DEFAULT_LENGTH_BUCKETS`)."""
+  text = config.sampling.get("length_buckets", "")
+  if not text:
+    return DEFAULT_LENGTH_BUCKETS
+  return check_buckets(parse_length_buckets(text, "sampling.length_buckets"),
+                       "sampling.length_buckets")
 
 
 def learner_settings(config) -> learner.LearnerSettings:
@@ -88,6 +98,7 @@ def sampling_settings(config, tokenizer, temperature: Optional[float] = None
       temperature=s.temperature if temperature is None else temperature,
       top_p=s.top_p, top_k=s.top_k, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
       prefill_chunk_tokens=s.prefill_chunk_tokens, slots=s.slots,
+      length_buckets=sampling_length_buckets(config),
       batch_buckets=tuple(b for b in sampling.SamplingSettings.batch_buckets if b < s.max_batch_rows)
       + (s.max_batch_rows,))
 
@@ -195,6 +206,7 @@ def validate(config) -> None:
   check_prompt(config)
   rollout_settings(config)  # checks the budgets
   learner_settings(config)  # checks the optimizer and loss settings
+  sampling_length_buckets(config)
   check_model_source(config)
   check_tokenizer_source(config)
   learner_mesh = parallel.mesh_from_config(config.mesh)  # the mesh must match the devices

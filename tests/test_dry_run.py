@@ -87,6 +87,13 @@ def test_tiny_dry_run_through_train_matches_hand_computation(tmp_path):
   # copied into the slots' cache.
   assert report["sampler_prefill_output_bytes"] >= kv_cache * 1024 // (1024 + 96)
   assert "lower + compile: train_step" in stdout
+  # Attention's share of the learner's temporaries (1024-token rows: auto runs xla here).
+  attention = report["attention"]
+  assert attention["resolved"] == "xla" and attention["length"] == report["shapes"]["length"]
+  assert attention["attention_temp_bytes"] == attention["xla_attention_temp_bytes"] > 0
+  assert attention["share_of_learner_temp"] == (attention["attention_temp_bytes"]
+                                                / report["train_step_temp_bytes"])
+  assert f"{attention['share_of_learner_temp']:.1%} of the train step temporaries" in stdout
 
 
 def seven_b_per_device_params(mesh_fsdp):
@@ -116,6 +123,12 @@ def test_7b_h100x8_dry_run_fits_an_h100(tmp_path):
   # The paper's learner micro-batch fits in an H100's 80 GB (CPU estimate).
   assert report["learner_peak_bytes_per_device"] < 80e9
   assert report["train_step_compile_s"] < 240
+  # auto runs chunked on CPU devices at 8K rows: attention holds a small part of the
+  # temporaries, xla's quadratic scores would be [1 row, 28 heads, 8192, 8192] float32 and more.
+  attention = report["attention"]
+  assert attention["resolved"] == "chunked" and attention["share_of_learner_temp"] < 0.5
+  assert attention["xla_attention_temp_bytes"] >= 28 * 8192 * 8192 * 4
+  assert attention["attention_temp_bytes"] < attention["xla_attention_temp_bytes"] / 4
 
 
 @pytest.mark.slow
@@ -282,3 +295,31 @@ def test_7b_h100x8_rollout_decode_loop_gathers_no_weight(tmp_path):
   assert rollout["weight_bytes"] == rollout_weight_bytes(c, 4)
   assert rollout["weight_bytes"] <= 1.1 * 2 * c.num_params() / 4
   assert rollout["sampler_peak_bytes"] < 80e9  # fits an H100 with the train state
+
+
+def test_decode_loop_writes_the_cache_in_place_with_columns_fitted_to_the_prompt_budget():
+  """The compiled slot decode loop of a scanned float32 model (chunked attention): its cache has
+  the fitted bucket + new-token columns (hand count), and the only ops of the loop whose result
+  has the stacked cache's shape are the per-slot scatters that write k and v of each layer (no
+  copy, broadcast, transpose, pad or slice of the whole cache at a token step)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from gru_mem import buckets, dry_run_sampler, parallel, rollout_weights  # pylint: disable=import-outside-toplevel
+  from gru_mem.model import transformer  # pylint: disable=import-outside-toplevel
+  config = model_config.preset("tiny").replace(scan_layers=True, attention="chunked")
+  mesh = parallel.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  layout = rollout_weights.rollout_layout(config, mesh, "float32", None)
+  params = dry_run_sampler.abstract(nn.meta.unbox(transformer.abstract_params(layout.config)),
+                                    layout.shardings())
+  prompt_budget = 64 + 48 + buckets.QUESTION_ALLOWANCE_TOKENS  # chunk + memory + allowance
+  fitted = buckets.budget_buckets(prompt_budget, 128)
+  assert 640 in fitted and set(buckets.DEFAULT_LENGTH_BUCKETS) < set(fitted)
+  prompt, new_tokens, rows = buckets.smallest_bucket(prompt_budget, fitted), 384, 4
+  report = dry_run_sampler.layout_report(
+      layout.config, params, layout.mesh, rows=rows, prompt=prompt, new_tokens=new_tokens,
+      prefill_chunk=128, slots=True, train_state_bytes=0, copy_bytes=0, prefill=False)
+  columns = 640 + 384  # a multiple of chunked's 512-slot key block: blocks sliced in place
+  assert report["cache_columns"] == columns
+  layers, kv, d = config.num_layers, config.num_kv_heads, config.head_dim
+  assert report["cache_dims_per_device"] == [layers, rows, columns, kv, d]
+  assert report["kv_cache_bytes"] == 2 * layers * rows * columns * kv * d * 4
+  assert report["loop_ops_of_cache_shape"] == {"fusion(scatter)": 2 * layers}  # in place

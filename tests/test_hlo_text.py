@@ -85,6 +85,16 @@ def test_hand_written_module():
   assert report["carried_weight_bytes"] == 128 + 96  # the gathered weight and the stack
 
 
+def test_loop_arrays_of_shape_counts_per_decode_step():
+  # The stack f32[3,2,4] is only carried (no op of the loop materialises one); [2,4] arrays: the
+  # layer loop's multiply and all-reduce 3 times, the body's slice and the condition's all-reduce
+  # once (bitcasts are views); [8,4]: the layer loop's weight all-gather, 3 times.
+  assert hlo_text.loop_arrays_of_shape(_HLO, (3, 2, 4)) == {}
+  assert hlo_text.loop_arrays_of_shape(_HLO, (2, 4)) == {"multiply": 3, "all-reduce": 4,
+                                                          "slice": 1}
+  assert hlo_text.loop_arrays_of_shape(_HLO, [8, 4]) == {"all-gather": 3}
+
+
 _JITTED = """
 import json
 import jax, jax.numpy as jnp, numpy as np

@@ -25,7 +25,8 @@ LAYERS = (
     ("run plumbing", ("gru_mem.run_folder", "gru_mem.runtime", "gru_mem.settings",
                       "gru_mem.stage", "gru_mem.eval_report", "gru_mem.sweep_summary")),
     ("entry points", ("gru_mem.train", "gru_mem.sft", "gru_mem.evaluate", "gru_mem.infer",
-                      "gru_mem.export_hf", "gru_mem.dry_run", "gru_mem.dry_run_sampler")),
+                      "gru_mem.export_hf", "gru_mem.dry_run", "gru_mem.dry_run_sampler",
+                      "gru_mem.dry_run_learner")),
     ("the default job", ("gru_mem.default_job",)),
 )
 

@@ -54,3 +54,15 @@ def test_unknown_keys_are_named():
   config.rl.alhpa = 0.5
   with pytest.raises(ValueError, match=r"\['rl.alhpa'\] are not defined in gru_mem/defaults.py"):
     settings.check_known_keys(config)
+
+
+def test_sampling_length_buckets_reach_the_sampler_and_bad_ones_are_named():
+  config = defaults.get_config()
+  assert settings.sampling_length_buckets(config) == SamplingSettings().length_buckets
+  config.sampling.length_buckets = "64,640,8192"
+  assert settings.sampling_settings(config, builtin_tokenizer()).length_buckets == (64, 640, 8192)
+  for bad, message in (("64,x", "give increasing row lengths"),
+                       ("640,64", "must be a non-empty increasing tuple")):
+    config.sampling.length_buckets = bad
+    with pytest.raises(ValueError, match=f"sampling.length_buckets=.*{message}"):
+      settings.sampling_length_buckets(config)

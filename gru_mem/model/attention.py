@@ -118,15 +118,27 @@ def resolve(implementation: str, *, backend: str, k_len: int, dtype, head_dim: i
 
 
 def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla",
-              block_size: Optional[int] = None):
+              block_size: Optional[int] = None, layer=None):
   """Grouped-query attention under the visibility rule of the module docstring.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; key_valid
   [batch, k_len] bool; query_offset: the slot of query 0 (an int, or a traced scalar for a KV
   cache, or [batch] slots: one per row, as the continuous sampler's per-row cache index).
   block_size: chunked's query and key block (default `DEFAULT_BLOCK`, read at trace time).
+  layer: k and v are a whole stacked cache [layers, batch, k_len, ...] and the call attends to
+  layer `layer` (a traced index): `chunked` then reads its key blocks straight from the stacked
+  buffer (no copy of the layer; blocks it skips are not read), the others index k[layer].
   Returns [batch, q_len, heads, head_dim] in v's dtype.
   """
+  if layer is not None and implementation_for(implementation, q, k.shape[2],
+                                              query_offset) != "chunked":
+    k, v, layer = k[layer], v[layer], None
+  if layer is not None:
+    if k.shape != v.shape or k.shape[1] != q.shape[0] or key_valid.shape != k.shape[1:3]:
+      raise ValueError(f"attention: q {q.shape}, stacked k {k.shape}, v {v.shape}, key_valid "
+                       f"{key_valid.shape}: want k = v = [layers, batch, k_len, kv_heads, d]")
+    return chunked_attention(q, k, v, key_valid, query_offset,
+                             block_size=block_size or DEFAULT_BLOCK, layer=layer)
   batch, q_len, heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[0] != batch or heads % k.shape[2] or k.shape[3] != head_dim:
     raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}: want k and v of one "
@@ -134,10 +146,7 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
   if key_valid.shape != k.shape[:2]:
     raise ValueError(f"attention: key_valid {key_valid.shape} must be [batch, k_len] "
                      f"{k.shape[:2]}")
-  cached = not (isinstance(query_offset, (int, np.integer)) and query_offset == 0
-                and q_len == k.shape[1])
-  name = resolve(implementation, backend=jax.default_backend(), k_len=k.shape[1],
-                 dtype=q.dtype, head_dim=head_dim, cached=cached)
+  name = implementation_for(implementation, q, k.shape[1], query_offset)
   if name == "xla":
     return xla_attention(q, k, v, visibility(key_valid, query_offset, q_len))
   if name == "chunked":
@@ -146,6 +155,14 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
   if name == "cudnn":
     return cudnn_attention(q, k, v, key_valid, query_offset, causal=not cached)
   return splash_attention(q, k, v, key_valid)
+
+
+def implementation_for(implementation: str, q, k_len: int, query_offset) -> str:
+  """What `attention` runs for q [batch, q_len, heads, head_dim] against k_len key slots."""
+  cached = not (isinstance(query_offset, (int, np.integer)) and query_offset == 0
+                and q.shape[1] == k_len)
+  return resolve(implementation, backend=jax.default_backend(), k_len=k_len, dtype=q.dtype,
+                 head_dim=q.shape[3], cached=cached)
 
 
 def visibility(key_valid, query_offset, q_len: int):
@@ -181,31 +198,43 @@ def _pad_axis(x, size: int, axis: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
-def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = DEFAULT_BLOCK):
+def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = DEFAULT_BLOCK,
+                      layer=None):
   """Online-softmax attention over key blocks, one query block at a time (FlashAttention's
   recurrence; memory O(block_size * k_len)).
 
   Per query block, over key blocks t with scores s_t (masked entries at MASKED):
     m_t = max(m_{t-1}, max_j s_tj),   c = exp(m_{t-1} - m_t),   p_tj = exp(s_tj - m_t) [visible]
     l_t = c l_{t-1} + sum_j p_tj,     a_t = c a_{t-1} + p_t v_t,   out = a_T / l_T  (0 if l_T = 0)
-  Shapes as `attention`; block sizes need not divide the lengths (the ends are padded and masked).
+  Shapes as `attention` (with `layer`: k, v [layers, batch, k_len, ...], layer `layer`'s keys);
+  block sizes need not divide the lengths (the ends are padded and masked). Key block t is a
+  dynamic slice of k taken inside the branch that uses it: a block that is skipped is not read,
+  and k is not copied into blocks (when the block divides k_len; else this layer is padded).
   """
+  block_k = min(block_size, k.shape[-3])
+  if layer is not None and k.shape[2] % block_k:  # padding the stack would copy every layer
+    k, v, layer = k[layer], v[layer], None
+  if layer is None:
+    k, v, layer = k[None], v[None], 0
   batch, q_len, heads, head_dim = q.shape
-  k_len, kv_heads = k.shape[1], k.shape[2]
+  k_len, kv_heads = k.shape[2], k.shape[3]
   group = heads // kv_heads
-  block_q, block_k = min(block_size, q_len), min(block_size, k_len)
+  block_q = min(block_size, q_len)
   num_q, num_k = -(-q_len // block_q), -(-k_len // block_k)
   scale = 1.0 / math.sqrt(head_dim)
 
-  # [num_q, batch, block_q, kv_heads, group, head_dim] and [num_k, batch, block_k, kv_heads, d]
+  # q [num_q, batch, block_q, kv_heads, group, head_dim]; k, v stay [layers, batch, slots, ..]
   q_blocks = _pad_axis(q, num_q * block_q, 1).reshape(
       batch, num_q, block_q, kv_heads, group, head_dim).swapaxes(0, 1)
-  k_blocks = _pad_axis(k, num_k * block_k, 1).reshape(
-      batch, num_k, block_k, kv_heads, head_dim).swapaxes(0, 1)
-  v_blocks = _pad_axis(v, num_k * block_k, 1).reshape(
-      batch, num_k, block_k, kv_heads, head_dim).swapaxes(0, 1)
+  k, v = _pad_axis(k, num_k * block_k, 2), _pad_axis(v, num_k * block_k, 2)
   valid_blocks = _pad_axis(key_valid, num_k * block_k, 1, False).reshape(
       batch, num_k, block_k).swapaxes(0, 1)
+
+  def kv_block(x, k_index):  # [batch, block_k, kv_heads, head_dim] of layer `layer`
+    zero = jnp.zeros((), jnp.int32)
+    start = (jnp.asarray(layer, jnp.int32), zero, (k_index * block_k).astype(jnp.int32), zero,
+             zero)
+    return jax.lax.dynamic_slice(x, start, (1, batch, block_k, kv_heads, head_dim))[0]
 
   @jax.checkpoint
   def query_block(q_index, q_block):
@@ -213,11 +242,12 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
                   + jnp.arange(block_q))  # [1 or batch, block_q]
 
     def key_block(carry, xs):
-      k_index, k_block, v_block, valid_block = xs
+      k_index, valid_block = xs
       key_slot = k_index * block_k + jnp.arange(block_k)
 
       def update(carry):
         m, l, acc = carry  # m, l [batch, kv_heads, group, block_q]; acc [..., block_q, head_dim]
+        k_block, v_block = kv_block(k, k_index), kv_block(v, k_index)
         s = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block,
                        preferred_element_type=jnp.float32) * scale
         visible = (key_slot[None, None, :] <= query_slot[:, :, None]) & valid_block[:, None, :]
@@ -238,8 +268,7 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
     stats = (batch, kv_heads, group, block_q)
     init = (jnp.full(stats, MASKED, jnp.float32), jnp.zeros(stats, jnp.float32),
             jnp.zeros((*stats, head_dim), jnp.float32))
-    (_, l, acc), _ = jax.lax.scan(key_block, init,
-                                  (jnp.arange(num_k), k_blocks, v_blocks, valid_blocks))
+    (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(num_k), valid_blocks))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, block_q, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, block_q, heads, head_dim).astype(v.dtype)
 

@@ -142,16 +142,20 @@ class Attention(nn.Module):
     k = rotary_embedding(k, positions, cfg.rope_theta)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
 
+    layer = None
     if cache_layer is None:
       keys, values, key_valid, query_offset, new_cache_layer = k, v, mask, 0, None
     else:
       query_offset = cache_meta["index"]
       keys, values, new_cache_layer = _write_cache(cache_layer, k, v, query_offset)
       key_valid = cache_meta["valid"]
+      if "layer" in cache_layer and keys.dtype == cfg.jnp_dtype:
+        # attend to the stacked cache as written (in place), not to a copy of this layer
+        keys, values, layer = new_cache_layer["k"], new_cache_layer["v"], cache_layer["layer"]
 
     # Query i (slot query_offset + i) sees key slot j <= its own that holds a real token.
     out = attention.attention(q, keys.astype(cfg.jnp_dtype), values.astype(cfg.jnp_dtype),
-                              key_valid, query_offset, implementation=cfg.attention)
+                              key_valid, query_offset, implementation=cfg.attention, layer=layer)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = Projection(cfg, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                      name="o_proj")(out, contract_dims=2)
@@ -176,7 +180,7 @@ def _write_cache(cache_layer: Cache, k, v, start):
     return keys, values, {"k": keys, "v": values}
   layer = cache_layer["layer"]
   zero = jnp.zeros((), jnp.int32)
-  at = (jnp.int32(layer), zero, jnp.asarray(start, jnp.int32), zero, zero)
+  at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
   all_keys = jax.lax.dynamic_update_slice(
       cache_layer["k"], k[None].astype(cache_layer["k"].dtype), at)
   all_values = jax.lax.dynamic_update_slice(
@@ -212,16 +216,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """x + attn(norm(x)), then + mlp(norm(.)). Returns (x, new cache layer) so it can be scanned."""
+  """x + attn(norm(x)), then + mlp(norm(.)). Returns (x, new cache layer).
+
+  Scanned (`carry_cache`): called as (carry, layer index, ...) with carry = (x, the whole stacked
+  cache {k, v} or None) and returns ((x, cache), None): each layer writes its slots into the
+  stacked buffer in place, as the unscanned layers do, instead of slicing the cache as a scan
+  input and stacking a new one as its output (a copy of the whole cache per decode step)."""
   config: ModelConfig
+  carry_cache: bool = False
 
   @nn.compact
   def __call__(self, x, cache_layer, positions, mask, cache_meta):
+    if self.carry_cache:
+      (x, stacked), layer = x, cache_layer
+      cache_layer = None if stacked is None else {**stacked, "layer": layer}
     attn_out, new_cache_layer = Attention(self.config, name="self_attn")(
         RMSNorm(self.config, name="input_layernorm")(x), positions, mask, cache_layer, cache_meta)
     x = x + attn_out
     x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(x))
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    if self.carry_cache:
+      return (x, new_cache_layer), None
     return x, new_cache_layer
 
 
@@ -254,7 +269,7 @@ class Transformer(nn.Module):
       self.layers = nn.scan(
           layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, carry_cache=True, name="layers")
     else:
       self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.norm = RMSNorm(cfg, name="norm")
@@ -278,7 +293,8 @@ class Transformer(nn.Module):
       cache_meta = {"index": start, "valid": _write_valid(cache["valid"], mask, start)}
     if cfg.scan_layers:
       layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-      x, new_layer_caches = self.layers(x, layer_caches, positions, mask, cache_meta)
+      (x, new_layer_caches), _ = self.layers((x, layer_caches), jnp.arange(cfg.num_layers),
+                                             positions, mask, cache_meta)
     else:
       # Each layer writes its slots into the stacked cache in place (see `_write_cache`).
       new_layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
