@@ -125,8 +125,9 @@ def test_an_existing_venv_without_the_pins_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(TUNIX_VENV, "bin", "python")),
-                    reason=f"no tunix venv at {TUNIX_VENV} (make one with benchmarks/peers.py "
-                           "--venv DIR, or set GRU_MEM_PEERS_VENV)")
+                    reason=f"no tunix venv at {TUNIX_VENV} (make it with `python "
+                           f"benchmarks/peers.py --venv {TUNIX_VENV} --setup_only`, or point "
+                           "GRU_MEM_PEERS_VENV at one)")
 def test_smoke_run_in_the_tunix_venv(tmp_path):
   proc = subprocess.run(
       [sys.executable, "benchmarks/peers.py", "--smoke", "--repeats", "1", "--venv", TUNIX_VENV,
