@@ -1,12 +1,15 @@
 """gru_mem vs google-tunix 0.1.7 side by side, in one process, on the same random HF Qwen2.
 
   python benchmarks/peers.py [--venv /tmp/gru_mem_peers_venv] [--repeats 5] [--smoke]
-      [--parts decode,agent,learner]
+      [--parts decode,agent,learner] [--setup_only]
 
 google-tunix 0.1.7 pins safetensors < 0.8 (gru_mem pins 0.8.0), so the measuring runs in its own
-venv, made by this script when missing: `python -m venv DIR` + `pip install -r
-benchmarks/peers_requirements.txt` (tunix plus gru_mem's jax/flax/optax/orbax/numpy pins; no
-torch). gru_mem is imported there from this checkout (PYTHONPATH).
+venv, made by this script when DIR has none (`--setup_only` makes it and stops): `python -m venv
+DIR`, then `DIR/bin/python -m pip install -r benchmarks/peers_requirements.txt` (tunix plus
+gru_mem's jax/flax/optax/orbax/numpy pins; no torch; a few minutes from a package index). A
+failed install removes the half-made DIR; an existing venv is used only if it has every pinned
+version (else the error names what differs). gru_mem is imported there from this checkout
+(PYTHONPATH).
 
 This (parent) process writes the model with transformers: a random Qwen2 (hidden 256, 4 layers,
 vocab 32k, tied embeddings) with random q/k/v biases; a freshly initialised one decodes
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,13 +49,63 @@ SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)
 PARTS = ("decode", "agent", "learner")
 
 
+def pinned_versions(path: str = REQUIREMENTS) -> dict[str, str]:
+  """{name: version} of the `name==version` lines of a requirements file (names lower case,
+  `_` as `-`, as package metadata compares them)."""
+  pins = {}
+  with open(path) as f:
+    for line in f:
+      line = line.split("#")[0].strip()
+      if line:
+        name, sep, version = line.partition("==")
+        if not sep:
+          raise ValueError(f"{path}: {line!r} is not pinned as name==version")
+        pins[name.strip().lower().replace("_", "-")] = version.strip()
+  return pins
+
+
+def venv_mismatches(python: str, pins: dict[str, str]) -> list[str]:
+  """The pins `python`'s environment does not hold: 'name==want (have X)' or '(missing)'."""
+  script = ("import importlib.metadata as m, json, sys\n"
+            "def v(n):\n  try: return m.version(n)\n  except m.PackageNotFoundError: return None\n"
+            "print(json.dumps({n: v(n) for n in json.loads(sys.argv[1])}))")
+  out = subprocess.run([python, "-c", script, json.dumps(sorted(pins))], check=True,
+                       capture_output=True, text=True).stdout
+  have = json.loads(out)
+  return [f"{n}=={want} ({'missing' if have[n] is None else 'have ' + have[n]})"
+          for n, want in sorted(pins.items()) if have[n] != want]
+
+
 def ensure_venv(venv: str) -> str:
-  """The python of `venv`, created with the pinned requirements when it does not exist."""
+  """The python of `venv`: made with the pinned requirements when `venv` has none, checked
+  against the pins when it exists. Raises SystemExit saying what to do when either fails."""
   python = os.path.join(venv, "bin", "python")
   if not os.path.exists(python):
-    print(f"creating the peers venv {venv} (tunix and its pins)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", "-r", REQUIREMENTS], check=True)
+    if os.path.exists(venv) and os.listdir(venv):
+      raise SystemExit(f"--venv {venv}: the folder exists but holds no bin/python; pass a new "
+                       "folder (the script makes the venv there) or an existing venv")
+    print(f"creating the peers venv {venv}: python -m venv, then pip install -r {REQUIREMENTS} "
+          "(tunix and its pins; a few minutes)", flush=True)
+    try:
+      subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    except subprocess.CalledProcessError as e:
+      shutil.rmtree(venv, ignore_errors=True)
+      raise SystemExit(f"`{sys.executable} -m venv {venv}` failed (exit {e.returncode}, output "
+                       "above): this Python needs its venv module with ensurepip (Debian/Ubuntu: "
+                       "the python3-venv package)") from e
+    try:
+      subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                      REQUIREMENTS], check=True)
+    except subprocess.CalledProcessError as e:
+      shutil.rmtree(venv, ignore_errors=True)
+      raise SystemExit(f"pip could not install {REQUIREMENTS} into {venv} (exit {e.returncode}, "
+                       "pip's output above); the half-made venv was removed. Check that a package "
+                       "index is reachable (pip config, PIP_INDEX_URL) and that every pin exists for "
+                       f"Python {sys.version_info.major}.{sys.version_info.minor}") from e
+  if bad := venv_mismatches(python, pinned_versions()):
+    raise SystemExit(f"the peers venv {venv} lacks pinned versions: {'; '.join(bad)}. Install "
+                     f"them with `{python} -m pip install -r {REQUIREMENTS}`, or pass a new --venv "
+                     "folder for the script to make")
   return python
 
 
@@ -156,6 +210,8 @@ def main(argv=None):
   parser.add_argument("--smoke", action="store_true", help="tiny shapes (the test's run)")
   parser.add_argument("--name", default="", help="results name (default peers / peers_smoke)")
   parser.add_argument("--out_dir", default=common.RESULTS_DIR, help="where the JSON goes")
+  parser.add_argument("--setup_only", action="store_true",
+                      help="make (or check) the --venv, then stop")
   parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # the folder, in the venv
   args = parser.parse_args(argv)
   parts = args.parts.split(",")
@@ -168,8 +224,11 @@ def main(argv=None):
     return None
   if not args.smoke and args.repeats < common.MIN_REPEATS:
     raise SystemExit(f"--repeats {args.repeats}: the protocol asks for >= {common.MIN_REPEATS}")
-  protocol = common.Protocol()
   python = ensure_venv(args.venv)
+  if args.setup_only:
+    print(f"the peers venv {args.venv} holds every pin of {REQUIREMENTS}")
+    return None
+  protocol = common.Protocol()
   with tempfile.TemporaryDirectory() as folder:
     model = write_hf_model(folder, SMOKE_MODEL if args.smoke else MODEL)
     print(f"model: {model}", flush=True)

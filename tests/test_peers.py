@@ -1,9 +1,12 @@
 """benchmarks/peers.py: the random HF Qwen2 it writes decodes non-degenerately (and the same in
-transformers and gru_mem), its summary's ratios are right on a hand-made input, and (where the
-tunix venv exists) its --smoke run measures both sides in one process with equal learner losses."""
+transformers and gru_mem), its summary's ratios are right on a hand-made input, its venv pins agree
+with setup.py and tunix 0.1.7, a failed venv install is reported and cleaned up, an existing venv
+is checked against the pins, and (where the tunix venv exists: GRU_MEM_PEERS_VENV, else
+peers.DEFAULT_VENV) its --smoke run measures both sides in one process with equal learner losses."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import peers  # noqa: E402
 
-TUNIX_VENV = os.environ.get("GRU_MEM_PEERS_VENV", "/tmp/tunix_venv")
+TUNIX_VENV = os.environ.get("GRU_MEM_PEERS_VENV", peers.DEFAULT_VENV)
 
 
 def test_written_model_is_not_degenerate_and_decodes_like_transformers(tmp_path):
@@ -57,9 +60,74 @@ def test_summary_ratios_on_a_hand_made_input():
   assert out["learner"]["ours_tokens_per_s"] == 8.0
 
 
+def test_venv_pins_are_gru_mem_pins_and_fit_tunix():
+  pins = peers.pinned_versions()
+  with open(os.path.join(REPO, "setup.py")) as f:
+    ours = {n.lower(): v for n, v in re.findall(r'"([A-Za-z0-9_.-]+)==([^"]+)"', f.read())}
+  for shared in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ml-collections"):
+    assert pins[shared] == ours[shared], shared  # the measured gru_mem runs on its own pins
+  assert pins["google-tunix"] == "0.1.7"
+  # tunix 0.1.7's own requirements: safetensors<0.8, flax>=0.11.1, orbax-checkpoint>=0.12.0
+  version = lambda v: tuple(int(x) for x in v.split("."))
+  assert version(pins["safetensors"]) < (0, 8)
+  assert version(pins["flax"]) >= (0, 11, 1) and version(pins["orbax-checkpoint"]) >= (0, 12)
+
+
+def test_pinned_versions_rejects_an_unpinned_line(tmp_path):
+  path = tmp_path / "req.txt"
+  path.write_text("# comment\njax==0.10.2  # pinned\nflax>=0.11\n")
+  with pytest.raises(ValueError, match="'flax>=0.11' is not pinned"):
+    peers.pinned_versions(str(path))
+  path.write_text("Orbax_Checkpoint==0.12.8\n")
+  assert peers.pinned_versions(str(path)) == {"orbax-checkpoint": "0.12.8"}
+
+
+def test_venv_mismatches_names_wrong_and_missing_versions():
+  pins = {"numpy": np.__version__, "pytest": "0.0.1", "surely-no-such-package-here": "1.0"}
+  assert peers.venv_mismatches(sys.executable, pins) == [
+      f"pytest==0.0.1 (have {pytest.__version__})", "surely-no-such-package-here==1.0 (missing)"]
+  assert peers.venv_mismatches(sys.executable, {"ml-collections": "1.1.0"}) == []
+
+
+def test_a_failed_install_is_reported_and_the_half_made_venv_removed(tmp_path, monkeypatch):
+  venv = tmp_path / "venv"
+  calls = []
+
+  def fake_run(command, check):
+    calls.append(command)
+    if command[1:3] == ["-m", "venv"]:  # python -m venv DIR: leaves a python behind
+      (venv / "bin").mkdir(parents=True)
+      (venv / "bin" / "python").write_text("")
+      return subprocess.CompletedProcess(command, 0)
+    raise subprocess.CalledProcessError(1, command)  # pip install fails
+
+  monkeypatch.setattr(peers.subprocess, "run", fake_run)
+  with pytest.raises(SystemExit, match=r"pip could not install .*peers_requirements.txt.* removed"):
+    peers.ensure_venv(str(venv))
+  assert calls[1][1:] == ["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                          peers.REQUIREMENTS]
+  assert not venv.exists()  # the next run makes it again instead of using a broken one
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "file").write_text("")
+  with pytest.raises(SystemExit, match="holds no bin/python"):
+    peers.ensure_venv(str(tmp_path / "other"))
+
+
+def test_an_existing_venv_without_the_pins_is_refused(tmp_path):
+  venv = tmp_path / "venv"
+  (venv / "bin").mkdir(parents=True)
+  python = venv / "bin" / "python"  # gru_mem's own env: safetensors 0.8, no tunix
+  python.write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+  python.chmod(0o755)
+  with pytest.raises(SystemExit, match=r"google-tunix==0.1.7 \(missing\).*safetensors==0.7.0 "
+                                       r"\(have 0.8.0\).*pip install -r"):
+    peers.ensure_venv(str(venv))
+
+
 @pytest.mark.skipif(not os.path.exists(os.path.join(TUNIX_VENV, "bin", "python")),
-                    reason=f"no tunix venv at {TUNIX_VENV} (make one with benchmarks/peers.py "
-                           "--venv DIR, or set GRU_MEM_PEERS_VENV)")
+                    reason=f"no tunix venv at {TUNIX_VENV} (make it with `python "
+                           f"benchmarks/peers.py --venv {TUNIX_VENV} --setup_only`, or point "
+                           "GRU_MEM_PEERS_VENV at one)")
 def test_smoke_run_in_the_tunix_venv(tmp_path):
   proc = subprocess.run(
       [sys.executable, "benchmarks/peers.py", "--smoke", "--repeats", "1", "--venv", TUNIX_VENV,
