@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from gru_mem import parallel, sampling
 from gru_mem.buckets import smallest_bucket
+from gru_mem.model import kv_cache
 from gru_mem.model.config import ModelConfig
 from gru_mem.model.transformer import forward, init_cache
 from gru_mem.sampling import RUNNING, LENGTH, STOP_REASONS, TRACE_COUNTS, DecodeSpec
@@ -68,7 +69,7 @@ def _constrain(state: dict, row_sharding: Optional[NamedSharding]) -> dict:
     heads = "tensor" if tensor > 1 and x.shape[3] % tensor == 0 else None
     return jax.lax.with_sharding_constraint(x, NamedSharding(
         row_sharding.mesh, PartitionSpec(None, axes, None, heads, None)))
-  cache = {name: pin_kv(value) if name in ("k", "v") else pin(value)
+  cache = {name: pin_kv(value) if name in kv_cache.CACHE_ARRAYS else pin(value)
            for name, value in state["cache"].items()}
   return {**{name: pin(value) for name, value in state.items() if name != "cache"},
           "cache": cache}
@@ -105,8 +106,8 @@ def _insert(state: dict, group: dict, slot_ids, *, row_sharding: Optional[NamedS
     return buffer.at[:, slot_ids, first:prompt_columns].set(rows.astype(buffer.dtype), mode="drop")
 
   cache = {
-      "k": put_prompt(cache["k"], new["k"]),
-      "v": put_prompt(cache["v"], new["v"]),
+      **{name: put_prompt(cache[name], new[name]) for name in kv_cache.CACHE_ARRAYS
+         if name in cache},
       "valid": put(cache["valid"], valid_rows),
       "index": put(cache["index"], jnp.full(slot_ids.shape, prompt_columns, jnp.int32)),
       "lengths": put(cache["lengths"], new["lengths"]),

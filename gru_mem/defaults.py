@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   #   float32 on CPU) | float32 | bfloat16 (gru_mem/rollout_weights.py)
   c.sampling.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=0, tensor=0))  # the rollout
   #   copy's layout over the same devices (all 0: the learner's mesh; else a 0 counts as 1)
+  c.sampling.kv_cache_dtype = "auto"  # the sampler's KV cache: auto (the rollout's compute
+  #   dtype) | int8 (8-bit, a float32 scale per token and kv head: half a bfloat16 cache's
+  #   bytes per decode step; gru_mem/model/kv_cache.py)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.group_size = 16  # G rollouts per prompt (paper: 16)

@@ -221,7 +221,7 @@ def sampler_report(config, layout, state: learner.TrainState, dims: DryRunShapes
                 new_tokens=dims.sampler_new_tokens, prefill_chunk=dims.sampler_prefill_chunk,
                 slots=bool(config.sampling.slots), train_state_bytes=train_state_bytes,
                 chip=config.train.dry_run_chip)
-  if layout.same_as_learner:
+  if layout.shares_learner_params:
     rollout_params, copy_bytes = state.params, 0
   else:
     rollout_params = _abstract(nn.meta.unbox(transformer.abstract_params(layout.config)),

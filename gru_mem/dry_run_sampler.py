@@ -6,7 +6,8 @@ what they cost per device, read from the compiled programs.
 the given parameters (ShapeDtypeStructs with shardings) on the given mesh, and reports:
 
   weight_bytes         the sampler's parameters per device;
-  kv_cache_bytes       the decode KV cache per device (kv heads over tensor when they divide);
+  kv_cache_bytes       the decode KV cache per device (kv heads over tensor when they divide;
+                       int8 values and their float32 scales under `kv_cache_dtype` "int8");
   decode_carry_bytes   what the compiled decode loop carries per device (weights as the loop
                        sees them, gathered or not, and the cache);
   bytes_per_token_step what one token step reads: the carry, its weights counted at the
@@ -42,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gru_mem import continuous, hlo_text, parallel, sampling
 from gru_mem.buckets import smallest_bucket
-from gru_mem.model import transformer
+from gru_mem.model import kv_cache, transformer
 from gru_mem.model.config import ModelConfig
 
 # Dense bfloat16 peak and HBM bandwidth per chip (vendor figures).
@@ -92,7 +93,7 @@ def abstract_decode_state(config: ModelConfig, spec: sampling.DecodeSpec, rows: 
 
   def sharding(path, leaf):
     name = jax.tree_util.keystr(path)
-    if name.endswith("['k']") or name.endswith("['v']"):
+    if any(name.endswith(f"['{array}']") for array in kv_cache.CACHE_ARRAYS):
       return parallel.logical_sharding(transformer.CACHE_AXES, leaf.shape, mesh)
     if leaf.ndim and leaf.shape[0] == rows:
       spec = parallel.fit_spec_to_shape(P(parallel.BATCH_AXES), leaf.shape, mesh)
@@ -185,7 +186,9 @@ def layout_report(config: ModelConfig, params, mesh, *, rows: int, prompt: int, 
       "mesh": {axis: int(size) for axis, size in mesh.shape.items()},
       "param_dtype": config.param_dtype, "rows": rows, "cache_columns": prompt + new_tokens,
       "weight_bytes": weight_bytes,
-      "kv_cache_bytes": bytes_per_device({k: state["cache"][k] for k in ("k", "v")}),
+      "kv_cache_dtype": config.kv_cache_dtype,
+      "kv_cache_bytes": bytes_per_device({k: v for k, v in state["cache"].items()
+                                          if k in kv_cache.CACHE_ARRAYS}),
       "decode_state_bytes": state_bytes,
       "decode_carry_bytes": loop["carry_bytes"],
       "bytes_per_token_step": (loop["carry_bytes"] - loop["carried_weight_bytes"]

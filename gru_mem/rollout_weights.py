@@ -8,7 +8,9 @@ it at every token step for its few rows. The rollout copy instead has
   * its own dtype, `sampling.param_dtype` ("auto": bfloat16 on accelerators, float32 on CPU),
   * its own layout, `sampling.mesh` (data / fsdp / tensor sizes over the same devices; e.g.
     tensor within a node or a TPU host, data across; fsdp=1 leaves nothing to gather), and
-  * a KV cache in that dtype and layout (kv heads over tensor when they divide, rows over data).
+  * a KV cache in that dtype and layout (kv heads over tensor when they divide, rows over data),
+    or 8-bit with a scale per token and kv head (`sampling.kv_cache_dtype="int8"`, kv_cache.py;
+    with the learner's dtype and layout the sampler then still reads the learner's parameters).
 
 After every learner step `RolloutWeights.refresh(state.params)` casts the new parameters and
 reshards them into the copy in one jitted call whose outputs carry the rollout shardings; the
@@ -37,6 +39,7 @@ from jax.sharding import Mesh
 from gru_mem import parallel
 from gru_mem.model import shardings as model_shardings
 from gru_mem.model.config import DTYPES, ModelConfig
+from gru_mem.model.kv_cache import check_kv_cache_dtype
 
 PARAM_DTYPES = ("auto",) + tuple(DTYPES)
 
@@ -97,9 +100,16 @@ class RolloutLayout:
 
   @property
   def same_as_learner(self) -> bool:
-    """Same dtype and the same layout: the sampler can read the learner's parameters."""
-    return (self.config == self.learner_config
-            and self.mesh.shape == self.learner_mesh.shape
+    """Same config (KV cache storage included) and layout: the sampler computes the learner's
+    numbers (else `rl.recompute_old_logprobs` turns on)."""
+    return self.config == self.learner_config and self.shares_learner_params
+
+  @property
+  def shares_learner_params(self) -> bool:
+    """Same weight dtype and the same layout: the sampler can read the learner's parameters
+    (an int8 KV cache changes the sampler's cache, not its weights)."""
+    return (self.config.replace(kv_cache_dtype=self.learner_config.kv_cache_dtype)
+            == self.learner_config and self.mesh.shape == self.learner_mesh.shape
             and list(self.mesh.devices.flat) == list(self.learner_mesh.devices.flat))
 
   @property
@@ -113,13 +123,17 @@ class RolloutLayout:
 
 
 def rollout_layout(learner_config: ModelConfig, learner_mesh: Mesh, param_dtype: str,
-                   sizes: Optional[Mapping[str, int]]) -> RolloutLayout:
+                   sizes: Optional[Mapping[str, int]], kv_cache_dtype: str = "auto"
+                   ) -> RolloutLayout:
   """The layout of `sampling.param_dtype` (resolved or "auto") and `sampling.mesh` sizes (None:
-  the learner's mesh). Checks the devices and the heads before anything is compiled."""
+  the learner's mesh), its KV cache stored as `sampling.kv_cache_dtype`. Checks the devices and
+  the heads before anything is compiled."""
+  check_kv_cache_dtype(kv_cache_dtype)
   mesh = make_rollout_mesh(sizes, learner_mesh)
   if sizes is not None:
     check_heads(learner_config, int(mesh.shape["tensor"]))
-  config = learner_config.replace(param_dtype=resolve_param_dtype(param_dtype))
+  config = learner_config.replace(param_dtype=resolve_param_dtype(param_dtype),
+                                  kv_cache_dtype=kv_cache_dtype)
   return RolloutLayout(config, mesh, learner_config, learner_mesh)
 
 
@@ -149,7 +163,7 @@ class RolloutWeights:
 
   def __init__(self, layout: RolloutLayout, learner_params: Any):
     self.layout = layout
-    self.params = (learner_params if layout.same_as_learner
+    self.params = (learner_params if layout.shares_learner_params
                    else first_copy_jit(layout)(learner_params))
 
   @property
@@ -166,7 +180,7 @@ class RolloutWeights:
 
   def refresh(self, learner_params: Any) -> Any:
     """The copy <- cast(learner_params), resharded on device; the old copy's buffers donated."""
-    if self.layout.same_as_learner:
+    if self.layout.shares_learner_params:
       self.params = learner_params
     else:
       self.params = refresh_jit(self.layout)(self.params, learner_params)

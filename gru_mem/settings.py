@@ -7,7 +7,7 @@ only place a value is chosen. Each function here reads one part of it:
   sft_learner_settings(config)  sft.* and optim.adam_*      -> LearnerSettings (stage 1)
   rollout_settings(config)      agent.*, rl.group_size      -> agent.rollout.RolloutSettings
   sampling_settings(config, t)  sampling.*, agent budgets   -> sampling.SamplingSettings
-  rollout_layout(config, m, mesh) sampling.param_dtype, .mesh -> rollout_weights.RolloutLayout
+  rollout_layout(config, m, mesh) sampling.param_dtype, .mesh, .kv_cache_dtype -> RolloutLayout
   script_settings(config)       sft.* noise and think       -> agent.scripted.ScriptSettings
 
 `validate(config)` (RL) and `validate_sft(config)` fail with what to fix before a model is built,
@@ -25,6 +25,7 @@ from gru_mem.agent.rollout import RolloutSettings
 from gru_mem.agent.scripted import ScriptSettings
 from gru_mem.buckets import DEFAULT_LENGTH_BUCKETS, check_buckets
 from gru_mem.data import sources
+from gru_mem.model.kv_cache import check_kv_cache_dtype
 from gru_mem.rl import learner
 
 # Padded lengths of SFT batches: multiples of 32 keep the padding of short scripted turns small.
@@ -108,7 +109,8 @@ def rollout_layout(config, model_config, learner_mesh) -> rollout_weights.Rollou
   learner's; raises a ValueError when the mesh does not fit the devices or the heads."""
   s = config.sampling
   return rollout_weights.rollout_layout(model_config, learner_mesh, s.param_dtype,
-                                        rollout_weights.mesh_sizes(s.mesh))
+                                        rollout_weights.mesh_sizes(s.mesh),
+                                        s.kv_cache_dtype)
 
 
 def recompute_old_logprobs(config, layout: rollout_weights.RolloutLayout) -> bool:
@@ -211,6 +213,7 @@ def validate(config) -> None:
   check_tokenizer_source(config)
   learner_mesh = parallel.mesh_from_config(config.mesh)  # the mesh must match the devices
   rollout_weights.resolve_param_dtype(config.sampling.param_dtype)
+  check_kv_cache_dtype(config.sampling.kv_cache_dtype)
   # sampling.mesh must fit the devices; its heads are checked once the model shape is known
   # (`rollout_layout`, in train and the dry run, still before anything is compiled).
   rollout_weights.make_rollout_mesh(rollout_weights.mesh_sizes(config.sampling.mesh), learner_mesh)

@@ -118,7 +118,7 @@ def resolve(implementation: str, *, backend: str, k_len: int, dtype, head_dim: i
 
 
 def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla",
-              block_size: Optional[int] = None, layer=None):
+              block_size: Optional[int] = None, layer=None, k_scale=None, v_scale=None):
   """Grouped-query attention under the visibility rule of the module docstring.
 
   q [batch, q_len, heads, head_dim]; k, v [batch, k_len, kv_heads, head_dim]; key_valid
@@ -128,17 +128,21 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
   layer: k and v are a whole stacked cache [layers, batch, k_len, ...] and the call attends to
   layer `layer` (a traced index): `chunked` then reads its key blocks straight from the stacked
   buffer (no copy of the layer; blocks it skips are not read), the others index k[layer].
-  Returns [batch, q_len, heads, head_dim] in v's dtype.
+  k_scale, v_scale: k and v are an int8 cache with these float32 scales [..., k_len, kv_heads, 1]
+  (`kv_cache.py`), folded into each key block's scores and probabilities (xla, chunked).
+  Returns [batch, q_len, heads, head_dim] in v's dtype (q's for int8 v).
   """
+  scales = {} if k_scale is None else {"k_scale": k_scale, "v_scale": v_scale}
   if layer is not None and implementation_for(implementation, q, k.shape[2],
                                               query_offset) != "chunked":
+    scales = {name: x[layer] for name, x in scales.items()}
     k, v, layer = k[layer], v[layer], None
   if layer is not None:
     if k.shape != v.shape or k.shape[1] != q.shape[0] or key_valid.shape != k.shape[1:3]:
       raise ValueError(f"attention: q {q.shape}, stacked k {k.shape}, v {v.shape}, key_valid "
                        f"{key_valid.shape}: want k = v = [layers, batch, k_len, kv_heads, d]")
     return chunked_attention(q, k, v, key_valid, query_offset,
-                             block_size=block_size or DEFAULT_BLOCK, layer=layer)
+                             block_size=block_size or DEFAULT_BLOCK, layer=layer, **scales)
   batch, q_len, heads, head_dim = q.shape
   if k.shape != v.shape or k.shape[0] != batch or heads % k.shape[2] or k.shape[3] != head_dim:
     raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape}: want k and v of one "
@@ -148,10 +152,13 @@ def attention(q, k, v, key_valid, query_offset=0, *, implementation: str = "xla"
                      f"{k.shape[:2]}")
   name = implementation_for(implementation, q, k.shape[1], query_offset)
   if name == "xla":
-    return xla_attention(q, k, v, visibility(key_valid, query_offset, q_len))
+    return xla_attention(q, k, v, visibility(key_valid, query_offset, q_len), **scales)
   if name == "chunked":
     return chunked_attention(q, k, v, key_valid, query_offset,
-                             block_size=block_size or DEFAULT_BLOCK)
+                             block_size=block_size or DEFAULT_BLOCK, **scales)
+  if scales:  # cudnn / splash take no int8: this layer in q's dtype
+    k = (k.astype(jnp.float32) * scales["k_scale"]).astype(q.dtype)
+    v = (v.astype(jnp.float32) * scales["v_scale"]).astype(q.dtype)
   if name == "cudnn":
     return cudnn_attention(q, k, v, key_valid, query_offset, causal=not cached)
   return splash_attention(q, k, v, key_valid)
@@ -172,21 +179,34 @@ def visibility(key_valid, query_offset, q_len: int):
   return (key_slot[None, None, :] <= query_slot[:, :, None]) & key_valid[:, None, :]
 
 
-def xla_attention(q, k, v, visible):
+def xla_attention(q, k, v, visible, k_scale=None, v_scale=None):
   """softmax(q k^T / sqrt(d) + mask) v with each kv head shared by a group of query heads.
 
   q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim];
-  visible: [batch, q_len, k_len] bool. Scores and softmax run in float32.
+  visible: [batch, q_len, k_len] bool. Scores and softmax run in float32. With int8 k, v and
+  their scales [batch, k_len, kv_heads, 1]: s_j = (q . k_j) k_scale_j, out = sum_j (p_j
+  v_scale_j) v_j (the values converted to q's dtype, never multiplied out).
   """
   batch, q_len, heads, head_dim = q.shape
   group = heads // k.shape[2]
+  compute = q.dtype if v.dtype == jnp.int8 else v.dtype
   q = q.reshape(batch, q_len, heads // group, group, head_dim)
-  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+  if k_scale is not None:
+    scores = scores * per_key(k_scale)
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
   scores = jnp.where(visible[:, None, None, :, :], scores, MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if v_scale is not None:
+    probs = probs * per_key(v_scale)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(compute), v.astype(compute))
   return out.reshape(batch, q_len, heads, head_dim)
+
+
+def per_key(scale):
+  """A cache scale [batch, k_len, kv_heads, 1] as [batch, kv_heads, 1, 1, k_len] (scores' axes)."""
+  return scale[..., 0].transpose(0, 2, 1)[:, :, None, None, :].astype(jnp.float32)
 
 
 def _pad_axis(x, size: int, axis: int, value=0):
@@ -199,7 +219,7 @@ def _pad_axis(x, size: int, axis: int, value=0):
 
 
 def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = DEFAULT_BLOCK,
-                      layer=None):
+                      layer=None, k_scale=None, v_scale=None):
   """Online-softmax attention over key blocks, one query block at a time (FlashAttention's
   recurrence; memory O(block_size * k_len)).
 
@@ -210,12 +230,19 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
   block sizes need not divide the lengths (the ends are padded and masked). Key block t is a
   dynamic slice of k taken inside the branch that uses it: a block that is skipped is not read,
   and k is not copied into blocks (when the block divides k_len; else this layer is padded).
+  int8 k, v with scales (see `xla_attention`): each block is read as stored (int8), converted to
+  q's dtype inside the block, and its scales folded into s_t and p_t.
   """
   block_k = min(block_size, k.shape[-3])
+  quantized = k_scale is not None
+  kv = (k, v, k_scale, v_scale) if quantized else (k, v)
   if layer is not None and k.shape[2] % block_k:  # padding the stack would copy every layer
-    k, v, layer = k[layer], v[layer], None
+    kv, layer = tuple(x[layer] for x in kv), None
   if layer is None:
-    k, v, layer = k[None], v[None], 0
+    kv, layer = tuple(x[None] for x in kv), 0
+  kv = tuple(_pad_axis(x, -(-k.shape[-3] // block_k) * block_k, 2) for x in kv)
+  k, v = kv[:2]
+  compute = q.dtype if quantized else v.dtype
   batch, q_len, heads, head_dim = q.shape
   k_len, kv_heads = k.shape[2], k.shape[3]
   group = heads // kv_heads
@@ -226,15 +253,14 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
   # q [num_q, batch, block_q, kv_heads, group, head_dim]; k, v stay [layers, batch, slots, ..]
   q_blocks = _pad_axis(q, num_q * block_q, 1).reshape(
       batch, num_q, block_q, kv_heads, group, head_dim).swapaxes(0, 1)
-  k, v = _pad_axis(k, num_k * block_k, 2), _pad_axis(v, num_k * block_k, 2)
   valid_blocks = _pad_axis(key_valid, num_k * block_k, 1, False).reshape(
       batch, num_k, block_k).swapaxes(0, 1)
 
-  def kv_block(x, k_index):  # [batch, block_k, kv_heads, head_dim] of layer `layer`
+  def kv_block(x, k_index):  # [batch, block_k, kv_heads, head_dim (1: scales)] of `layer`
     zero = jnp.zeros((), jnp.int32)
     start = (jnp.asarray(layer, jnp.int32), zero, (k_index * block_k).astype(jnp.int32), zero,
              zero)
-    return jax.lax.dynamic_slice(x, start, (1, batch, block_k, kv_heads, head_dim))[0]
+    return jax.lax.dynamic_slice(x, start, (1, batch, block_k, kv_heads, x.shape[-1]))[0]
 
   @jax.checkpoint
   def query_block(q_index, q_block):
@@ -248,8 +274,10 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
       def update(carry):
         m, l, acc = carry  # m, l [batch, kv_heads, group, block_q]; acc [..., block_q, head_dim]
         k_block, v_block = kv_block(k, k_index), kv_block(v, k_index)
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block,
+        s = jnp.einsum("bqhgd,bkhd->bhgqk", q_block, k_block.astype(q.dtype),
                        preferred_element_type=jnp.float32) * scale
+        if quantized:
+          s = s * per_key(kv_block(kv[2], k_index))
         visible = (key_slot[None, None, :] <= query_slot[:, :, None]) & valid_block[:, None, :]
         visible = visible[:, None, None]  # [batch, 1, 1, block_q, block_k]
         s = jnp.where(visible, s, MASKED)
@@ -257,7 +285,8 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
         correction = jnp.exp(m - m_new)
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         l = l * correction + p.sum(axis=-1)
-        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v_block.dtype), v_block,
+        p_v = p * per_key(kv_block(kv[3], k_index)) if quantized else p
+        pv = jnp.einsum("bhgqk,bkhd->bhgqd", p_v.astype(compute), v_block.astype(compute),
                         preferred_element_type=jnp.float32)
         return m_new, l, acc * correction[..., None] + pv
 
@@ -270,7 +299,7 @@ def chunked_attention(q, k, v, key_valid, query_offset=0, *, block_size: int = D
             jnp.zeros((*stats, head_dim), jnp.float32))
     (_, l, acc), _ = jax.lax.scan(key_block, init, (jnp.arange(num_k), valid_blocks))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [batch, kv_heads, group, block_q, d]
-    return out.transpose(0, 3, 1, 2, 4).reshape(batch, block_q, heads, head_dim).astype(v.dtype)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, block_q, heads, head_dim).astype(compute)
 
   out = jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(num_q), q_blocks))
   return out.swapaxes(0, 1).reshape(batch, num_q * block_q, heads, head_dim)[:, :q_len]

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from gru_mem.model.attention import IMPLEMENTATIONS
+from gru_mem.model.kv_cache import check_kv_cache_dtype
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,6 +40,7 @@ class ModelConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   attention: str = "auto"  # an attention.IMPLEMENTATIONS name (how, not what: no HF counterpart)
+  kv_cache_dtype: str = "auto"  # the KV cache's storage, a kv_cache.KV_CACHE_DTYPES name
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -55,6 +57,7 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r}: use one of {REMAT_POLICIES}")
     if self.attention not in IMPLEMENTATIONS:
       raise ValueError(f"ModelConfig.attention={self.attention!r}: use one of {IMPLEMENTATIONS}")
+    check_kv_cache_dtype(self.kv_cache_dtype, "ModelConfig.kv_cache_dtype")
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: use one of {tuple(DTYPES)}")

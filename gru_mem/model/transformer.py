@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from gru_mem import parallel
-from gru_mem.model import attention
+from gru_mem.model import attention, kv_cache
 from gru_mem.model.config import ModelConfig
 
 Cache = dict[str, jax.Array]
@@ -36,7 +36,8 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> Cache:
-  """An empty KV cache: k/v `[layers, batch, capacity, kv_heads, head_dim]`.
+  """An empty KV cache: k/v `[layers, batch, capacity, kv_heads, head_dim]` (in `dtype`, default
+  the compute dtype; int8 plus k_scale/v_scale [..., 1] under `config.kv_cache_dtype="int8"`).
 
   `valid [batch, capacity]` marks slots that hold a real token, `index` is the next slot to write
   (a scalar; set it to a `[batch]` array for per-row slots) and `lengths [batch]` counts the real
@@ -44,16 +45,16 @@ def init_cache(config: ModelConfig, batch: int, capacity: int, dtype=None) -> Ca
   """
   dtype = dtype or config.jnp_dtype
   shape = (config.num_layers, batch, capacity, config.num_kv_heads, config.head_dim)
+  arrays = kv_cache.empty(config.kv_cache_dtype, shape, dtype)
   return {
-      "k": constrain_cache(jnp.zeros(shape, dtype)),
-      "v": constrain_cache(jnp.zeros(shape, dtype)),
+      **{name: constrain_cache(value) for name, value in arrays.items()},
       "valid": jnp.zeros((batch, capacity), jnp.bool_),
       "index": jnp.zeros((), jnp.int32),
       "lengths": jnp.zeros((batch,), jnp.int32),
   }
 
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache's k and v
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # the KV cache's k, v (scales)
 
 
 def constrain_cache(kv: jax.Array) -> jax.Array:
@@ -144,62 +145,57 @@ class Attention(nn.Module):
 
     layer = None
     if cache_layer is None:
-      keys, values, key_valid, query_offset, new_cache_layer = k, v, mask, 0, None
+      stored, key_valid, query_offset, new_cache_layer = {"k": k, "v": v}, mask, 0, None
     else:
       query_offset = cache_meta["index"]
-      keys, values, new_cache_layer = _write_cache(cache_layer, k, v, query_offset)
+      new_cache_layer = _write_cache(cache_layer, kv_cache.entries(cfg.kv_cache_dtype, k, v),
+                                     query_offset)
       key_valid = cache_meta["valid"]
-      if "layer" in cache_layer and keys.dtype == cfg.jnp_dtype:
-        # attend to the stacked cache as written (in place), not to a copy of this layer
-        keys, values, layer = new_cache_layer["k"], new_cache_layer["v"], cache_layer["layer"]
+      stored = new_cache_layer
+      if "layer" in cache_layer:
+        if new_cache_layer["k"].dtype in (cfg.jnp_dtype, jnp.int8):
+          layer = cache_layer["layer"]  # attend to the stacked cache as written (in place)
+        else:
+          stored = {name: value[cache_layer["layer"]] for name, value in stored.items()}
 
     # Query i (slot query_offset + i) sees key slot j <= its own that holds a real token.
-    out = attention.attention(q, keys.astype(cfg.jnp_dtype), values.astype(cfg.jnp_dtype),
-                              key_valid, query_offset, implementation=cfg.attention, layer=layer)
+    keys, values = stored["k"], stored["v"]
+    if keys.dtype != jnp.int8:  # int8 values go in as stored, with their scales
+      keys, values = keys.astype(cfg.jnp_dtype), values.astype(cfg.jnp_dtype)
+    out = attention.attention(q, keys, values, key_valid, query_offset,
+                              implementation=cfg.attention, layer=layer,
+                              k_scale=stored.get("k_scale"), v_scale=stored.get("v_scale"))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = Projection(cfg, ("heads", "head_dim"), (cfg.hidden_size,), ("embed",),
                      name="o_proj")(out, contract_dims=2)
     return out, new_cache_layer
 
 
-def _write_cache(cache_layer: Cache, k, v, start):
-  """Writes k, v [batch, length, kv_heads, head_dim] at slot `start`: (keys, values, new cache).
+def _write_cache(cache_layer: Cache, new: Cache, start) -> Cache:
+  """Writes the new tokens' cache entries `new` {k, v (, k_scale, v_scale)} [batch, length,
+  kv_heads, ...] at slot `start`; returns the written cache arrays (without "layer").
 
-  `cache_layer` is either one layer's {k, v} [batch, slots, ...] (scanned layers) or the whole
-  stacked cache {k, v} [layers, batch, slots, ...] plus this layer's index under "layer". The
-  second form updates the stacked buffer in place, so a decode step does not copy the cache.
+  `cache_layer` is either one layer's arrays [batch, slots, ...] (scanned layers) or the whole
+  stacked cache [layers, batch, slots, ...] plus this layer's index under "layer". The second
+  form updates the stacked buffers in place, so a decode step does not copy the cache.
   `start` [batch] writes each row at its own slot (a scatter, also in place).
   """
+  layer = cache_layer.get("layer")
   if jnp.ndim(start) == 1:
-    return _write_cache_per_row(cache_layer, k, v, start)
-  if "layer" not in cache_layer:
-    keys = jax.lax.dynamic_update_slice_in_dim(cache_layer["k"], k.astype(cache_layer["k"].dtype),
-                                               start, axis=1)
-    values = jax.lax.dynamic_update_slice_in_dim(cache_layer["v"],
-                                                 v.astype(cache_layer["v"].dtype), start, axis=1)
-    return keys, values, {"k": keys, "v": values}
-  layer = cache_layer["layer"]
+    batch, length = new["k"].shape[:2]
+    rows = jnp.arange(batch)[:, None]
+    slots = start[:, None] + jnp.arange(length)[None, :]  # [batch, length]
+    at = (rows, slots) if layer is None else (layer, rows, slots)
+    return {name: cache_layer[name].at[at].set(x.astype(cache_layer[name].dtype))
+            for name, x in new.items()}
+  if layer is None:
+    return {name: jax.lax.dynamic_update_slice_in_dim(
+        cache_layer[name], x.astype(cache_layer[name].dtype), start, axis=1)
+            for name, x in new.items()}
   zero = jnp.zeros((), jnp.int32)
   at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
-  all_keys = jax.lax.dynamic_update_slice(
-      cache_layer["k"], k[None].astype(cache_layer["k"].dtype), at)
-  all_values = jax.lax.dynamic_update_slice(
-      cache_layer["v"], v[None].astype(cache_layer["v"].dtype), at)
-  return all_keys[layer], all_values[layer], {"k": all_keys, "v": all_values}
-
-
-def _write_cache_per_row(cache_layer: Cache, k, v, starts):
-  """`_write_cache` where row b writes its `length` slots from `starts[b]` on."""
-  batch, length = k.shape[:2]
-  rows = jnp.arange(batch)[:, None]
-  slots = starts[:, None] + jnp.arange(length)[None, :]  # [batch, length]
-  layer = cache_layer.get("layer")
-  at = (rows, slots) if layer is None else (layer, rows, slots)
-  keys = cache_layer["k"].at[at].set(k.astype(cache_layer["k"].dtype))
-  values = cache_layer["v"].at[at].set(v.astype(cache_layer["v"].dtype))
-  if layer is None:
-    return keys, values, {"k": keys, "v": values}
-  return keys[layer], values[layer], {"k": keys, "v": values}
+  return {name: jax.lax.dynamic_update_slice(
+      cache_layer[name], x[None].astype(cache_layer[name].dtype), at) for name, x in new.items()}
 
 
 class MLP(nn.Module):
@@ -287,17 +283,17 @@ class Transformer(nn.Module):
     x = jnp.take(self.embed_tokens, tokens, axis=0).astype(cfg.jnp_dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    cache_meta = None
+    cache_meta, names = None, kv_cache.cache_names(cfg.kv_cache_dtype)
     if cache is not None:
       start = cache["index"]
       cache_meta = {"index": start, "valid": _write_valid(cache["valid"], mask, start)}
     if cfg.scan_layers:
-      layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+      layer_caches = None if cache is None else {name: cache[name] for name in names}
       (x, new_layer_caches), _ = self.layers((x, layer_caches), jnp.arange(cfg.num_layers),
                                              positions, mask, cache_meta)
     else:
       # Each layer writes its slots into the stacked cache in place (see `_write_cache`).
-      new_layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+      new_layer_caches = None if cache is None else {name: cache[name] for name in names}
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else {**new_layer_caches, "layer": i}
         x, written = layer(x, layer_cache, positions, mask, cache_meta)
