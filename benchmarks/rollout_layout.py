@@ -8,13 +8,21 @@ carries (what a token step reads), the collectives per token step and outside th
 all-gathers, the sampler's peak with the train state, and the roofline decode tokens/s of the
 config's chip. Counts and bytes come from the compiled programs and do not depend on the machine.
 
+Variants per config and slot count (`--variants`): "config" (as the config says: the paper 7B
+config's rollout stores its KV cache in int8), "auto_cache" (the rollout with the bfloat16
+cache, `sampling.kv_cache_dtype=auto`) and "learner_int8" (no rollout copy: the learner's
+parameters and mesh with the int8 cache, as training samples when the copy is off; its
+"rollout" entry is that layout, its "learner_layout" the learner's with the cache as today).
+
   python benchmarks/rollout_layout.py       # -> benchmarks/results/rollout_layout.json
-  python benchmarks/rollout_layout.py --configs qwen2p5_7b_hotpotqa.py:h100x8 --slots 64
+  python benchmarks/rollout_layout.py --configs qwen2p5_7b_hotpotqa.py:h100x8 --slots 64 \
+      --variants config
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -25,10 +33,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402  (benchmarks/ is not a package)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS = ("mesh", "param_dtype", "rows", "cache_columns", "weight_bytes", "kv_cache_bytes",
+KEYS = ("mesh", "param_dtype", "kv_cache_dtype", "rows", "cache_columns", "weight_bytes", "kv_cache_bytes",
         "decode_carry_bytes", "bytes_per_token_step", "loop_weight_bytes", "collectives_per_token_step",
         "collectives_outside_loop", "weight_gathers", "sampler_peak_bytes", "roofline",
         "decode_compile_s", "decode_memory", "cache_dims_per_device", "loop_ops_of_cache_shape")
+
+NO_COPY = ["--config.sampling.param_dtype=float32", "--config.sampling.mesh.data=0",
+           "--config.sampling.mesh.fsdp=0", "--config.sampling.mesh.tensor=0"]
+VARIANTS = {"config": [], "auto_cache": ["--config.sampling.kv_cache_dtype=auto"],
+            "learner_int8": NO_COPY + ["--config.sampling.kv_cache_dtype=int8"]}
 
 
 def dry_run(config: str, extra: list) -> dict:
@@ -51,15 +64,18 @@ def main():
                       "qwen2p5_7b_hotpotqa.py:tpu_v5p_64")
   parser.add_argument("--slots", default="", help="comma-separated sampling.slots to add "
                       "beside the config's (e.g. 64)")
+  parser.add_argument("--variants", default=",".join(VARIANTS),
+                      help=f"comma-separated, of {sorted(VARIANTS)}")
   parser.add_argument("--name", default="rollout_layout")
   args = parser.parse_args()
   runs = []
   for config in args.configs.split(","):
-    for slots in [None] + [int(s) for s in args.slots.split(",") if s]:
-      extra = [] if slots is None else [f"--config.sampling.slots={slots}"]
+    for slots, variant in itertools.product(
+        [None] + [int(s) for s in args.slots.split(",") if s], args.variants.split(",")):
+      extra = ([] if slots is None else [f"--config.sampling.slots={slots}"]) + VARIANTS[variant]
       report = dry_run(config, extra)
       runs.append({
-          "config": config, "overrides": extra, "model_source": report["model_source"],
+          "config": config, "variant": variant, "overrides": extra, "model_source": report["model_source"],
           "shapes": report["shapes"], "train_state_bytes_per_device":
               report["params_bytes_per_device"] + report["optimizer_bytes_per_device"]
               + report["reference_bytes_per_device"],

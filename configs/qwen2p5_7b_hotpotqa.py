@@ -91,6 +91,13 @@ def get_config(arg: str = "h100x8"):
   for axis, size in target["mesh"].items():
     setattr(c.mesh, axis, size)
   c.sampling.param_dtype = "bfloat16"  # the rollout copy (an accelerator's "auto")
+  # 8-bit KV cache (a float32 scale per token and kv head, gru_mem/model/kv_cache.py): the cache
+  # is 2/3 of what an h100x8 decode step reads at 128 slots; int8 halves it (7.00 -> 3.61 GiB per
+  # device), 10.55 -> 7.16 GiB read per step: the learner layout's 36.63 GiB / 7.16 = 5.1x its
+  # roofline decode tokens/s instead of 3.5x (benchmarks/results/rollout_layout.json). pi_old is
+  # recomputed by the learner anyway, so the sampler's slightly different log-probs do not bias
+  # the ratio; `--config.sampling.kv_cache_dtype=auto` restores the bfloat16 cache.
+  c.sampling.kv_cache_dtype = "int8"
   for axis, size in target["rollout_mesh"].items():
     setattr(c.sampling.mesh, axis, size)
   c.train.dry_run_chip = target["chip"]
