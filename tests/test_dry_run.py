@@ -281,9 +281,9 @@ def test_sampling_mesh_that_does_not_fit_fails_before_compiling():
 
 
 def test_7b_h100x8_rollout_decode_loop_gathers_no_weight(tmp_path):
-  """The paper config's rollout layout at 7B shapes (128 slots x 9728 cache columns): the compiled
-  decode loop holds no all-gather of a weight, and a device holds a quarter of the bfloat16
-  weights (plus the replicated norms and biases)."""
+  """The paper config's rollout layout at 7B shapes (128 slots x 8192 cache columns): the compiled
+  decode loop holds no all-gather of a weight, a device holds a quarter of the bfloat16
+  weights (plus the replicated norms and biases), and the KV cache is int8 (hand count)."""
   out = tmp_path / "7b.json"
   run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
               "--nolearner", "--nolearner_layout", "--out", str(out)])
@@ -295,6 +295,12 @@ def test_7b_h100x8_rollout_decode_loop_gathers_no_weight(tmp_path):
   assert rollout["weight_bytes"] == rollout_weight_bytes(c, 4)
   assert rollout["weight_bytes"] <= 1.1 * 2 * c.num_params() / 4
   assert rollout["sampler_peak_bytes"] < 80e9  # fits an H100 with the train state
+  # The int8 KV cache (sampling.kv_cache_dtype): k, v int8 + float32 scales [.., 1], rows over
+  # data=2 and the 4 kv heads over tensor=4; written in place (2 scatters per layer for k, v).
+  rows, heads, columns = 128 // 2, c.num_kv_heads // 4, 8192
+  assert rollout["kv_cache_dtype"] == "int8"
+  assert rollout["kv_cache_bytes"] == 2 * c.num_layers * rows * columns * heads * (c.head_dim + 4)
+  assert rollout["loop_ops_of_cache_shape"] == {"fusion(scatter)": 2 * c.num_layers}
 
 
 def test_decode_loop_writes_the_cache_in_place_with_columns_fitted_to_the_prompt_budget():
