@@ -171,7 +171,7 @@ def _dapo_check(batch: Batch, settings: LearnerSettings) -> None:  # before comp
 def _nll_terms(logits, micro: Batch, _settings: LearnerSettings) -> dict:
   """nll_sum = loss_sum = -sum log pi(response token); correct_count: tokens greedy decoding
   would have produced."""
-  logp = loss.token_log_probs(logits, micro.response_tokens)  # [rows, response]
+  logp = loss.log_softmax_at(logits, micro.response_tokens)  # [rows, response]
   mask = micro.response_mask
   nll_sum = -jnp.sum(jnp.where(mask, logp, 0.0))
   correct = jnp.sum((jnp.argmax(logits, axis=-1) == micro.response_tokens) & mask)
