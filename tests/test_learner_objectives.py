@@ -1,6 +1,7 @@
 """The learner's seams: the NLL objective against a plain forward, the DAPO step bit-identical to
-the pre-issue-19 formula with the safety clamps off, non-finite steps skipped and counted, and the
-jitted step the dry run lowers being the one training runs."""
+the pre-issue-19 formula with the safety clamps off and the NLL step to the SFT step of before the
+shared step, non-finite steps skipped and counted, and the jitted step the dry run lowers being
+the one training runs."""
 
 import dataclasses
 import functools
@@ -70,6 +71,52 @@ def test_dapo_step_without_the_safety_clamps_is_bit_identical_to_the_old_formula
     for name in old_metrics:
       np.testing.assert_array_equal(new_metrics[name], old_metrics[name], err_msg=name)
     assert float(new_metrics["nonfinite"]) == 0.0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state), jax.device_get(old_state))
+
+
+def old_sft_step(state, batch, config, settings):
+  """The SFT step as `sft._sft_step` wrote it before the shared step (commit 91f7337): the
+  log-softmax gathered at the token, one divisor max(N, 1) for every leaf, no non-finite guard."""
+  def terms_of(params, micro):
+    logits = learner.response_logits(config, params, micro)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(log_probs, micro.response_tokens[..., None], axis=-1)[..., 0]
+    nll = -jnp.sum(jnp.where(micro.response_mask, logp, 0.0))
+    return nll, {"nll_sum": nll, "token_count": jnp.sum(micro.response_mask).astype(jnp.float32)}
+
+  grad_fn = jax.grad(terms_of, has_aux=True)
+  zero = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
+          {"nll_sum": jnp.zeros(()), "token_count": jnp.zeros(())})
+
+  def body(index, carry):
+    grads, terms = grad_fn(state.params, batch.micro_batch(index))
+    return (jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[0], grads),
+            jax.tree.map(jnp.add, carry[1], terms))
+
+  grad_sum, terms = jax.lax.fori_loop(0, learner.num_micro_batches(batch), body, zero)
+  tokens = jnp.maximum(terms["token_count"], 1.0)
+  grads = jax.tree.map(lambda g, p: (g / tokens).astype(p.dtype), grad_sum, state.params)
+  updates, opt_state = optim.make_optimizer(settings).update(grads, state.opt_state, state.params)
+  return (learner.TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1),
+          {"loss": terms["nll_sum"] / tokens, "grad_norm": optax.global_norm(grads)})
+
+
+def test_nll_step_is_bit_identical_to_the_old_sft_step():
+  """Stage 1 keeps its numbers: a per-leaf division by the token count would be compiled into a
+  multiplication by its reciprocal, and the masked-sum pick rounds some gradients differently."""
+  rows = [batch_lib.LearnerRow(r.prompt_ids, r.response_ids, 1.0, r.old_logprobs)
+          for r in T.make_rows(8, num_rows=11)]
+  settings = dataclasses.replace(T.SETTINGS, micro_batch_rows=4, kl_beta=0.0,
+                                 compute_entropy=False, learning_rate=1e-2)
+  batch = batch_lib.pack_rows(rows, T.BUCKETS, 4)
+  new_state, old_state = T.fresh_state(settings), T.fresh_state(settings)
+  step = learner.make_train_step(T.CONFIG, settings, objective=learner.NLL)
+  old = jax.jit(functools.partial(old_sft_step, config=T.CONFIG, settings=settings))
+  for _ in range(3):
+    new_state, new_metrics = step(new_state, batch)
+    old_state, old_metrics = old(old_state, batch)
+    for name in old_metrics:
+      np.testing.assert_array_equal(new_metrics[name], old_metrics[name], err_msg=name)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state), jax.device_get(old_state))
 
 

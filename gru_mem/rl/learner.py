@@ -11,7 +11,9 @@ are never computed) that adds up each one's sums and the gradient of its `loss_s
 the mean gradient is the summed gradient divided once by the batch's response-token count:
   g = (1 / N) sum_m d loss_sum_m / d theta,   N = sum_m token_count_m,
 which is the gradient of the whole batch's token-mean loss (see `loss.py`). Clipping by global
-norm and AdamW (`optim.py`) then act on that full-batch mean.
+norm and AdamW (`optim.py`) then act on that full-batch mean. Rounding: DAPO takes sum * (1/N),
+NLL sum / N (`Objective.reciprocal_mean`): the programs RL and SFT had before they shared this
+step (XLA turns a per-leaf division by one scalar into a multiplication by its reciprocal).
 
 Bad numbers (issue 19). If loss_sum or the gradient's global norm is not finite, the update is
 not applied: the returned state is the input state, the step counter and the optimizer state
@@ -19,10 +21,9 @@ included (so Adam's moments and count are never poisoned and `step` counts appli
 and metrics['nonfinite'] = 1 (else 0). Stopping after several such steps is the run loop's job.
 
 Memory. The full logits `[rows, length, vocab]` are never formed: only the hidden states that
-predict response tokens, `[rows, response, embed]`, are projected to the (152k for Qwen) vocab.
-For 4 rows of 2048 tokens with 200-token responses, XLA's memory analysis of the step (152k
-vocab, tiny model, CPU) gives 2.8 GiB of temporaries instead of 12.0 GiB with full logits; the
-entropy metric adds 0.6 GiB.
+predict response tokens, `[rows, response, embed]`, are projected to the vocab. For 4 rows of 2048
+tokens with 200-token responses, XLA's memory analysis of the step (152k vocab, tiny model, CPU)
+gives 2.8 GiB of temporaries instead of 12.0 GiB with full logits; the entropy metric adds 0.6 GiB.
 
 Sharding. With a mesh, parameters and optimizer state carry `state_shardings`, batch rows are
 split over ('data', 'fsdp') (`batch.pack_rows(..., mesh=mesh)`), the step is traced under
@@ -134,11 +135,12 @@ class Objective:
   """A loss: `micro_batch_terms(logits, micro, settings)` -> dict of float32 sums over one
   micro-batch (with `loss_sum`, differentiated, and `token_count`), logits [rows, response,
   vocab]; `metrics(summed terms, settings)` -> dict of numbers; `check_batch(batch, settings)`
-  raises before compiling if the batch lacks what the loss needs."""
+  raises before compiling if the batch lacks what the loss needs; `reciprocal_mean`: see above."""
   name: str
   micro_batch_terms: Callable[..., dict]
   metrics: Callable[..., dict]
   check_batch: Callable[..., None] = lambda batch, settings: None
+  reciprocal_mean: bool = False  # the mean gradient as sum * (1 / N), else sum / N
 
 
 def _dapo_terms(logits, micro: Batch, settings: LearnerSettings) -> dict:
@@ -169,7 +171,7 @@ def _dapo_check(batch: Batch, settings: LearnerSettings) -> None:  # before comp
 def _nll_terms(logits, micro: Batch, _settings: LearnerSettings) -> dict:
   """nll_sum = loss_sum = -sum log pi(response token); correct_count: tokens greedy decoding
   would have produced."""
-  logp = loss.token_log_probs(logits, micro.response_tokens)  # [rows, response]
+  logp = loss.log_softmax_at(logits, micro.response_tokens)  # [rows, response]
   mask = micro.response_mask
   nll_sum = -jnp.sum(jnp.where(mask, logp, 0.0))
   correct = jnp.sum((jnp.argmax(logits, axis=-1) == micro.response_tokens) & mask)
@@ -183,7 +185,7 @@ def _nll_metrics(terms: dict, _settings: LearnerSettings) -> dict:
   return {"loss": terms["nll_sum"] / count, "token_accuracy": terms["correct_count"] / count}
 
 
-DAPO = Objective("dapo", _dapo_terms, _dapo_metrics, _dapo_check)
+DAPO = Objective("dapo", _dapo_terms, _dapo_metrics, _dapo_check, reciprocal_mean=True)
 NLL = Objective("nll", _nll_terms, _nll_metrics)
 
 
@@ -191,11 +193,9 @@ NLL = Objective("nll", _nll_terms, _nll_metrics)
 
 
 def response_logits(config: ModelConfig, params, micro: Batch):
-  """Logits [rows, response, vocab] (float32) of the response tokens only.
-
-  Runs the decoder over [rows, length], gathers the hidden states at `predict_positions` into
-  [rows, response, embed] and projects only those to the vocabulary.
-  """
+  """Logits [rows, response, vocab] (float32) of the response tokens only: runs the decoder over
+  [rows, length], gathers the hidden states at `predict_positions` into [rows, response, embed]
+  and projects only those to the vocabulary."""
   hidden, _ = forward(config, params, micro.tokens, mask=micro.input_mask, return_hidden=True)
   picked = jnp.take_along_axis(hidden, micro.predict_positions[..., None], axis=1)
   picked = nn.with_logical_constraint(picked, ("batch", "length", "embed"))
@@ -316,9 +316,9 @@ def _train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
   """One update theta <- AdamW(clip(sum_micro grad loss_sum / token_count)), kept only if finite."""
   TRACE_COUNTS["train_step"] += 1
   grad_sum, terms = _gradient_sums(state.params, batch, config, settings, objective)
-  tokens = terms["token_count"]
-  grads = jax.tree.map(lambda g, p: (g / jnp.maximum(tokens, 1.0)).astype(p.dtype), grad_sum,
-                       state.params)
+  tokens, count = terms["token_count"], jnp.maximum(terms["token_count"], 1.0)  # one divisor
+  mean = (lambda g: g * (1.0 / count)) if objective.reciprocal_mean else (lambda g: g / count)
+  grads = jax.tree.map(lambda g, p: mean(g).astype(p.dtype), grad_sum, state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(terms["loss_sum"]) & jnp.isfinite(grad_norm)
   updates, opt_state = optim.make_optimizer(settings).update(grads, state.opt_state, state.params)

@@ -148,6 +148,15 @@ def token_log_probs(logits, tokens):
   return pick(logits, tokens) - jax.nn.logsumexp(logits, axis=-1)
 
 
+def log_softmax_at(logits, tokens):
+  """log_softmax(logits)[token] through a gather, float32: the supervised loss's form
+  (`learner.NLL`), kept so stage 1 computes the numbers it had before it shared the RL step. It
+  keeps a [rows, length, vocab] log-softmax for the backward pass and its gradient is a scatter,
+  which `token_log_probs` avoids (the same values up to the last bit)."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+
+
 def entropy_sum(logits, mask):
   """Sum over masked tokens of H = -sum_v p_v log p_v, p = softmax(logits [rows, length, vocab])."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
