@@ -240,6 +240,7 @@ def test_decode_loop_with_the_paper_rollout_layout_small_shapes(tmp_path):
   out = tmp_path / "small.json"
   stdout = run_module(["gru_mem.dry_run", "--config", "configs/qwen2p5_7b_hotpotqa.py:h100x8",
                        f"--config.model.hf_path={folder}", "--config.sampling.slots=16",
+                       "--config.sampling.kv_cache_dtype=auto",  # the bfloat16 cache, counted below
                        "--sampler_prompt=128", "--sampler_new_tokens=16", "--nolearner",
                        "--out", str(out)])
   report = json.loads(out.read_text())
