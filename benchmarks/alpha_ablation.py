@@ -13,7 +13,7 @@ as a user would run it:
       --config.eval.modes=gru_mem
 
 (`launch/sweep_alpha.sh configs/tiny.py OUT --config.model.init_workdir=JOB/sft` runs the same
-training commands one after another). The job's own alpha (rl.alpha, 0.9) is not re-run: its RL
+training commands one after another). The job's own alpha (configs/tiny.py's rl.alpha) is not re-run: its RL
 run and evaluation are JOB/rl and JOB/eval. Saves benchmarks/results/alpha_ablation.json: per
 alpha the gru_mem-mode figures pooled over the grid (update-gate accuracy on evidence / other
 chunks, exits, accuracy, chunks read, tokens per example), the commands and their wall times.
@@ -38,7 +38,9 @@ import common  # noqa: E402  (benchmarks/ is not a package)
 from gru_mem import eval_report  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JOB_ALPHA = 0.9  # configs/tiny.py's rl.alpha: the default job's own RL run
+from configs import tiny  # noqa: E402
+
+JOB_ALPHA = tiny.get_config().rl.alpha  # the default job's own RL run
 
 
 def commands(job: str, folder: str, alpha: float, extra: list[str]) -> list[list[str]]:

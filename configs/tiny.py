@@ -6,7 +6,7 @@
 
 Model: the `tiny` preset (hidden 64, 2 layers, 4 heads), the built-in tokenizer (~1.6k ids).
 Data: 6-chunk documents (192 tokens, chunks of 32) of a one-word needle (`niah_single_word`)
-and a two-hop chain (`niah_multihop_1`), evidence anywhere. Evaluation: 8 and 32 chunks, evidence
+and a two-hop chain (`niah_multihop_1`, twice as often), evidence anywhere; the minimal prompts. Evaluation: 8 and 32 chunks, evidence
 anywhere or in the first 20%, on held-out seeds.
 """
 
@@ -17,7 +17,12 @@ def get_config():
   c = base.get_config()
   c.model.preset = "tiny"
   c.tokenizer = "builtin"
-  c.data.train_tasks = "niah_single_word,niah_multihop_1"
+  # The minimal prompts (agent/prompts.py): a 34-token template instead of the compact set's 142, so
+  # a 32-token chunk is most of each turn's prefill.
+  c.agent.prompt = "minimal"
+  # Two-hop documents twice as often as one-word ones: the gate's hard case is a chunk between the
+  # two hops (memory not empty, the chunk without evidence), which only the two-hop task has.
+  c.data.train_tasks = "niah_single_word,niah_multihop_1,niah_multihop_1"
   c.data.context_tokens = 192
   c.agent.chunk_tokens = 32
   c.agent.memory_tokens = 48
@@ -47,7 +52,9 @@ def get_config():
   # Stage 2: GRU-Mem RL from the stage-1 weights.
   c.rl.group_size = 8
   c.rl.prompts_per_step = 4
-  c.rl.alpha = 0.9
+  # alpha 0.7, not the paper's 0.9: in this miniature (benchmarks/alpha_ablation.py, the same stage-1
+  # weights) 0.9 left the update gate at 78.5% on chunks without evidence, 0.7 reached 98.6%.
+  c.rl.alpha = 0.7
   c.rl.kl_beta = 0.02  # k3 KL to the stage-1 policy keeps its copying while the gates move
   c.rl.max_refill_rounds = 2
   c.optim.learning_rate = 1e-3  # a tiny model from scratch: far above the paper's 1e-6
