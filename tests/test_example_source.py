@@ -39,6 +39,17 @@ def tiny_config():
   return module.get_config()
 
 
+def fingerprinted_config():
+  """The tiny config with the data, script and prompt settings the fingerprints were recorded
+  with (the default job of commit 75d31ba: a 1:1 task mix, exit noise 0.3, the compact prompts);
+  today's default job mixes two-hop documents 2:1 and uses the minimal prompts."""
+  c = tiny_config()
+  c.data.train_tasks = "niah_single_word,niah_multihop_1"
+  c.sft.exit_noise_complete = 0.3
+  c.agent.prompt = "compact"
+  return c
+
+
 def example_digest(e) -> str:
   return hashlib.sha256(json.dumps([e.id, e.task, e.question, list(e.answers), e.document,
                                     [list(s) for s in e.evidence], int(e.seed),
@@ -58,7 +69,7 @@ def joined(digests) -> str:
 
 
 def default_job_fingerprints() -> dict:
-  c, tok = tiny_config(), builtin_tokenizer()
+  c, tok = fingerprinted_config(), builtin_tokenizer()
   out = {"train": joined(example_digest(e) for e, _ in
                          zip(sources.example_stream(c.data, tok, seed=c.seed), range(12))),
          "sft_examples": joined(example_digest(sources.example_at(c.data, tok, i, c.sft.seed))
@@ -85,8 +96,8 @@ def default_job_fingerprints() -> dict:
 
 
 def test_default_job_sees_the_same_examples_and_prompts_as_before():
-  c = tiny_config()
-  assert settings.prompt_set(c, builtin_tokenizer()).name == "compact"
+  assert settings.prompt_set(fingerprinted_config(), builtin_tokenizer()).name == "compact"
+  assert settings.prompt_set(tiny_config(), builtin_tokenizer()).name == "minimal"
   assert default_job_fingerprints() == BEFORE
 
 
@@ -95,17 +106,18 @@ def test_seqio_task_yields_the_trainer_stream():
   source = sources.register_config_tasks(c.data, tok, seed=c.seed)
   assert isinstance(source, tasks.Mixture)
   assert [m.name for m in tasks.members(source)] == ["gru_mem.niah_single_word",
+                                                     "gru_mem.niah_multihop_1",
                                                      "gru_mem.niah_multihop_1"]
   import seqio
   name = tasks.register_seqio(source.name)
   dataset = seqio.get_mixture_or_task(name).get_dataset(None, split="train", shuffle=False)
   from gru_mem.data.example import Example
-  from_seqio = [Example.from_features(f) for f in dataset.take(5).as_numpy_iterator()]
-  trainer = [e for e, _ in zip(sources.example_stream(c.data, tok, seed=c.seed), range(5))]
+  from_seqio = [Example.from_features(f) for f in dataset.take(6).as_numpy_iterator()]
+  trainer = [e for e, _ in zip(sources.example_stream(c.data, tok, seed=c.seed), range(6))]
   assert from_seqio == [Example(**{**e.__dict__, "metadata": {}}) for e in trainer]
-  assert [e.task for e in trainer] == ["niah_single_word", "niah_multihop_1"] * 2 + [
-      "niah_single_word"]
-  assert [e.seed for e in trainer] == [tasks.data_seed(c.seed, i) for i in range(5)]
+  assert [e.task for e in trainer] == ["niah_single_word", "niah_multihop_1",
+                                       "niah_multihop_1"] * 2
+  assert [e.seed for e in trainer] == [tasks.data_seed(c.seed, i) for i in range(6)]
 
 
 def test_resume_after_k_examples_continues_identically(sample_data):
